@@ -1,0 +1,1 @@
+"""Prefect flows that walk a recipe; thin wrappers over the stage runner."""

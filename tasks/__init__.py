@@ -1,0 +1,1 @@
+"""Stage kinds: one module per kind, each registering a plain function with @stage."""

@@ -1,0 +1,3 @@
+"""tunegraph: LLM post-training as a reproducible DAG of versioned stages."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,53 @@
+"""Run one stage in a child process through the same entry point DVC calls.
+
+Each stage gets its own process: torch's global RNG and thread settings cannot leak between
+stages that run concurrently, memory is returned when the stage ends, and ``tunegraph run``
+and ``dvc repro`` execute literally the same command.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tunegraph.errors import StageError
+
+_ERROR_PREFIX = "error: "
+
+
+def stage_command(recipe_path: Path, workspace: Path, name: str, *, force: bool, parent_run_id: str | None,
+                  runner: str) -> list[str]:
+    # -P: do not put the working directory on sys.path (the repo root holds folders named
+    # `kernels` and `tasks` that must only be importable as tunegraph.kernels / tunegraph.tasks).
+    command = [sys.executable, "-P", "-m", "tunegraph.cli", "stage", str(recipe_path), name,
+               "--workspace", str(workspace), "--runner", runner]
+    if force:
+        command.append("--force")
+    if parent_run_id:
+        command += ["--parent-run-id", parent_run_id]
+    return command
+
+
+class StageProcessFailed(RuntimeError):
+    """The child crashed (not a user error): retryable."""
+
+
+def run_stage_process(command: list[str], name: str) -> None:
+    """Run ``command``, echoing its output; a user error (exit 2) becomes :class:`StageError`."""
+    errors: list[str] = []
+    tail: list[str] = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as child:
+        assert child.stdout is not None
+        for line in child.stdout:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            if line.startswith(_ERROR_PREFIX):
+                errors.append(line[len(_ERROR_PREFIX):].strip())
+            tail = (tail + [line.rstrip()])[-5:]
+        code = child.wait()
+    if code == 2 and errors:
+        raise StageError(errors[-1])
+    if code != 0:
+        last = " | ".join(tail[-3:]) or "no output"
+        raise StageProcessFailed(f"stage {name!r} exited with code {code}: {last}")

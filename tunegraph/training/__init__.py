@@ -1,0 +1,1 @@
+"""The training engine: data collation, update strategies, objectives and the loop."""
