@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny workspace (tiny model, a few quickstart rows) and CLI helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_RECIPE = """\
+name: tiny
+base_model: tiny:llama
+seed: 11
+threads: 2
+stages:
+  base:
+    uses: import_model
+  train_data:
+    uses: load_dataset
+    params: {path: train.jsonl}
+  eval_data:
+    uses: load_dataset
+    params: {path: eval.jsonl}
+  sft:
+    uses: sft
+    inputs: {model: base, dataset: train_data}
+    params: {strategy: lora, max_steps: 2, batch_size: 4, learning_rate: 1.0e-3}
+  eval_sft:
+    uses: evaluate
+    inputs: {model: sft, dataset: eval_data}
+    params: {max_new_tokens: 4, limit: 4}
+"""
+
+
+def make_tiny_workspace(root: Path, recipe_text: str = TINY_RECIPE) -> Path:
+    """A workspace with a tiny-model recipe and 12 train / 4 eval rows of the quickstart data."""
+    root.mkdir(parents=True, exist_ok=True)
+    train = (REPO / "data/quickstart/train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:12]
+    evals = (REPO / "data/quickstart/eval.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:4]
+    (root / "train.jsonl").write_text("".join(train), encoding="utf-8")
+    (root / "eval.jsonl").write_text("".join(evals), encoding="utf-8")
+    (root / "recipe.yaml").write_text(textwrap.dedent(recipe_text), encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def tiny_workspace(tmp_path) -> Path:
+    return make_tiny_workspace(tmp_path / "ws")
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment a user would have: the venv's bin on PATH, no inherited tracking URI."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["COLUMNS"] = "200"
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the installed ``tunegraph`` entry point as a user would."""
+    exe = shutil.which("tunegraph", path=str(Path(sys.executable).parent)) or "tunegraph"
+    result = subprocess.run([exe, *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"tunegraph {' '.join(args)} exited {result.returncode}\n"
+                             f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}")
+    return result
