@@ -49,6 +49,25 @@ def make_tiny_workspace(root: Path, recipe_text: str = TINY_RECIPE) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def model_cache(request, tmp_path_factory) -> Path:
+    """One model cache for the whole session (and, via pytest's cache dir, across sessions).
+
+    Conversions are deterministic, so reusing them across sessions is safe; set
+    TUNEGRAPH_TEST_CACHE to point the tests at another directory.
+    """
+    if os.environ.get("TUNEGRAPH_TEST_CACHE"):
+        return Path(os.environ["TUNEGRAPH_TEST_CACHE"])
+    cache = getattr(request.config, "cache", None)
+    return Path(cache.mkdir("tunegraph-models")) if cache is not None else tmp_path_factory.mktemp("tunegraph-cache")
+
+
+@pytest.fixture(autouse=True)
+def _use_model_cache(model_cache, monkeypatch):
+    """Every test, and every CLI it starts (cli_env copies os.environ), shares the model cache."""
+    monkeypatch.setenv("TUNEGRAPH_CACHE", str(model_cache))
+
+
 @pytest.fixture
 def tiny_workspace(tmp_path) -> Path:
     return make_tiny_workspace(tmp_path / "ws")
@@ -59,6 +78,7 @@ def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["COLUMNS"] = "200"
+    env["DVC_NO_ANALYTICS"] = "1"
     env.update(extra)
     return env
 
