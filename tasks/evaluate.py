@@ -2,9 +2,10 @@
 
 - ``loss``: mean negative log-likelihood of the reference assistant tokens given the prompt;
   ``perplexity = exp(loss)``.
-- ``exact_match``: greedy answer equals the reference after normalization (case, surrounding
-  whitespace and trailing punctuation); ``contains_match``: the normalized reference appears in
-  the normalized answer (credits right-but-verbose answers).
+- ``exact_match``: greedy answer equals the reference after normalization (first line, surrounding
+  whitespace, quotes and trailing punctuation; case is kept: "LAZY ROAD" is not "lazy road");
+  ``contains_match``: the normalized reference appears in the answer (credits right-but-verbose
+  answers).
 With a ``baseline`` input (another evaluate stage) the deltas against it are reported too.
 """
 
@@ -39,9 +40,9 @@ class EvaluateParams(StageParams):
 
 
 def normalize_answer(text: str) -> str:
-    """Lowercase, first line only, collapse whitespace, strip quotes and trailing punctuation."""
+    """First line only, whitespace collapsed, surrounding quotes and trailing punctuation stripped."""
     first = text.strip().split("\n", 1)[0] if text.strip() else ""
-    return re.sub(r"\s+", " ", first).strip().strip("\"'`").rstrip(".!").strip().lower()
+    return re.sub(r"\s+", " ", first).strip().strip("\"'`").rstrip(".!").strip()
 
 
 @torch.no_grad()
@@ -77,7 +78,7 @@ def evaluate(params: EvaluateParams, inputs: dict[str, Path], out: Path, ctx: St
     for row, reference, answer in zip(rows, references, answers):
         predictions.append({"id": row["id"], "reference": reference, "answer": answer,
                             "exact": normalize_answer(answer) == normalize_answer(reference),
-                            "contains": normalize_answer(reference) in normalize_answer(answer)})
+                            "contains": normalize_answer(reference) in " ".join(answer.split())})
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(p, sort_keys=True, ensure_ascii=False) + "\n" for p in predictions)
     scores = {"loss": loss, "perplexity": math.exp(loss), "rows": len(rows),

@@ -43,14 +43,14 @@ class SFTParams(StageParams):
 
 def encode_dataset(tokenizer, rows: list[dict], params: SFTParams, ctx: StageContext):
     examples = [encode_chat(tokenizer, row["messages"], params.max_length, row["id"]) for row in rows]
-    usable = [e for e in examples if any(label != IGNORE_INDEX for label in e.labels)]
-    if not usable:
-        raise StageError(f"stage {ctx.stage!r}: every example's labels are masked (no assistant tokens within "
-                         f"max_length={params.max_length}); raise max_length or check the data")
     truncated = sum(e.truncated for e in examples) / len(examples)
     if truncated > params.max_truncated_fraction:
         raise StageError(f"stage {ctx.stage!r}: {truncated:.0%} of examples exceed max_length={params.max_length} "
                          f"tokens and would be cut; raise max_length or max_truncated_fraction")
+    usable = [e for e in examples if any(label != IGNORE_INDEX for label in e.labels)]
+    if not usable:
+        raise StageError(f"stage {ctx.stage!r}: every example's labels are masked (no assistant tokens within "
+                         f"max_length={params.max_length}); raise max_length or check the data")
     return usable
 
 

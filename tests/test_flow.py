@@ -68,9 +68,10 @@ def test_only_and_from_select_stages(tmp_path):
     ws = make_tiny_workspace(tmp_path / "ws")
     run_cli(["run", "recipe.yaml", "--only", "base", "--only", "train_data"], cwd=ws)
     assert sorted(p.name for p in (ws / "data/out/tiny").iterdir() if p.name != "metrics") == ["base", "train_data"]
-    missing = run_cli(["run", "recipe.yaml", "--only", "sft"], cwd=ws, check=False)
-    assert missing.returncode == 2 and "needs the output of stage" in missing.stderr.strip().splitlines()[-1]
-    run_cli(["run", "recipe.yaml", "--only", "eval_data", "--only", "sft"], cwd=ws)
+    missing = run_cli(["run", "recipe.yaml", "--only", "eval_sft"], cwd=ws, check=False)
+    assert missing.returncode == 2
+    assert "needs the output of stage 'sft'" in missing.stderr.strip().splitlines()[-1]
+    run_cli(["run", "recipe.yaml", "--only", "eval_data"], cwd=ws)
     run_cli(["run", "recipe.yaml", "--from", "sft", "--force"], cwd=ws)
     runs = flow_runs(ws)
     assert statuses(runs[-1][1]) == {"sft": "ran", "eval_sft": "ran"}

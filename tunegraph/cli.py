@@ -18,7 +18,9 @@ def _prefect_environment(workspace: Path) -> None:
     """Defaults for Prefect's ephemeral API, set before prefect is imported; the user's settings win."""
     os.environ.setdefault("PREFECT_HOME", str(workspace / ".tunegraph" / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # Prefect's console handler would repeat each failure as a traceback; tunegraph prints its own
+    # progress and one-line errors. The API handler keeps full logs for the Prefect UI.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 

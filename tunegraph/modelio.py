@@ -29,7 +29,12 @@ def load_model(model_dir: Path, dtype: str = "float32"):
 
     if not (model_dir / "config.json").is_file():
         raise StageError(f"{model_dir}: not a model artifact (no config.json)")
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    # transformers and peft copy name_or_path into saved configs and adapter cards; an absolute
+    # path there would make artifacts depend on where the workspace is.
+    model.config._name_or_path = ""
+    model.name_or_path = ""
+    return model
 
 
 def save_model(model, tokenizer, out: Path) -> None:

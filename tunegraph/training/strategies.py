@@ -42,3 +42,4 @@ def export_trained(model, strategy: Strategy):
     if strategy == "lora":
         return model.merge_and_unload()
     return model
+
