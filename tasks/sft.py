@@ -22,7 +22,7 @@ from tunegraph.params import StageParams
 from tunegraph.registry import InputSlot, StageResult, stage
 from tunegraph.training.chat_encoding import IGNORE_INDEX, encode_chat
 from tunegraph.training.loop import LoopSettings, train
-from tunegraph.training.strategies import LoraSettings, Strategy, apply_strategy, export_trained
+from tunegraph.training.strategies import LoraSettings, Strategy, apply_strategy, export_trained, save_adapter
 
 
 class SFTParams(StageParams):
@@ -68,7 +68,7 @@ def sft(params: SFTParams, inputs: dict[str, Path], out: Path, ctx: StageContext
                             params.warmup_ratio, params.weight_decay, params.max_grad_norm, params.max_steps)
     summary = train(model, examples, settings, ctx, tokenizer.pad_token_id)
     if params.strategy == "lora":
-        model.save_pretrained(out / "adapter")
+        save_adapter(model, out / "adapter")
     save_model(export_trained(model, params.strategy), tokenizer, out)
     return StageResult(
         metrics={"train_loss": summary.final_loss, "first_loss": summary.first_loss, "steps": summary.steps,

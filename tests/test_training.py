@@ -121,3 +121,20 @@ def test_sft_artifact_holds_no_absolute_paths(artifacts, tmp_path):
         if path.is_file() and path.suffix in {".json", ".md", ".jinja", ".txt"}:
             text = path.read_text(encoding="utf-8")
             assert str(artifacts) not in text and str(tmp_path) not in text, path
+
+
+def test_adapter_config_does_not_depend_on_the_hash_seed(artifacts, tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import sys, os; from pathlib import Path; from tunegraph.context import StageContext, seed_everything;"
+              "from tunegraph.tasks.sft import SFTParams, sft; seed_everything(5, 2); a = Path(sys.argv[1]);"
+              "out = Path(sys.argv[2]); out.mkdir();"
+              "sft(SFTParams(max_steps=1, batch_size=4, max_length=128), {'model': a / 'model', 'dataset': a / 'train'},"
+              " out, StageContext(stage='t', seed=5, threads=2, workspace=out))")
+    for seed in ("1", "2"):
+        env = {**__import__("os").environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-P", "-c", script, str(artifacts), str(tmp_path / seed)], env=env, check=True,
+                       capture_output=True)
+    config = "adapter/adapter_config.json"
+    assert (tmp_path / "1" / config).read_bytes() == (tmp_path / "2" / config).read_bytes()

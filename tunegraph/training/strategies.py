@@ -43,3 +43,12 @@ def export_trained(model, strategy: Strategy):
         return model.merge_and_unload()
     return model
 
+
+
+def save_adapter(model, directory) -> None:
+    """Save a peft adapter deterministically: peft stores an expanded ``all-linear`` target as a
+    set, whose order follows Python's per-process hash seed; a sorted list is the same every run."""
+    for config in model.peft_config.values():
+        if isinstance(config.target_modules, (set, frozenset)):
+            config.target_modules = sorted(config.target_modules)
+    model.save_pretrained(directory)
