@@ -17,6 +17,7 @@ from tunegraph.errors import TunegraphError
 def _prefect_environment(workspace: Path) -> None:
     """Defaults for Prefect's ephemeral API, set before prefect is imported; the user's settings win."""
     os.environ.setdefault("PREFECT_HOME", str(workspace / ".tunegraph" / "prefect"))
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect's console handler would repeat each failure as a traceback; tunegraph prints its own
     # progress and one-line errors. The API handler keeps full logs for the Prefect UI.
