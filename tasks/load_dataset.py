@@ -1,4 +1,5 @@
-"""Stage kind ``load_dataset``: read a JSONL conversation file, validate it, write the internal format."""
+"""Stage kind ``load_dataset``: read a JSONL file (chat, alpaca, preference pairs, unpaired feedback),
+validate it, write the internal format."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tunegraph.registry import StageResult, stage
 
 class LoadDatasetParams(StageParams):
     path: InputFile = Field(description="JSONL file, relative to the workspace")
-    format: Literal["auto", "chat", "alpaca"] = Field(
+    format: Literal["auto", "chat", "alpaca", "preference", "unpaired"] = Field(
         "auto", description="input format; auto detects it from the first row's keys"
     )
     limit: int | None = Field(None, ge=1, description="keep the first N rows (after shuffling, if shuffle)")

@@ -9,8 +9,12 @@ with keys sorted, ``ensure_ascii=False``, ``"\\n"`` line endings and rows in inp
 are an optional ``system`` message, then ``user``/``assistant`` turns alternating, starting with
 ``user`` and ending with a non-empty ``assistant`` message (the reference answer).
 
+Preference data keeps the same shape: ``messages`` is the prompt plus the *chosen* reply (so an
+SFT stage can train on chosen answers), and ``rejected`` holds the rejected reply's text. Unpaired
+feedback (KTO) is ``messages`` = prompt + completion with a boolean ``label`` (desirable or not).
+
 Input formats live in :data:`FORMATS`, one small function per format turning a parsed JSON line
-into messages; add a format by adding an entry. Every problem is a :class:`DataError` with a
+into messages and extra fields; add a format by adding an entry. Every problem is a :class:`DataError` with a
 one-line message ``<file>:<line>: field '<field>': <what is wrong and what to do>``.
 """
 
@@ -123,19 +127,89 @@ def _messages_from_alpaca(obj: dict, where: Where) -> list[Message]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
+def _prompt_messages(obj: dict, where: Where, hint: str) -> list[Message]:
+    """``prompt`` as a string (one user turn) or a list of messages ending with a user turn."""
+    if "prompt" not in obj:
+        raise where.error(f"missing; {hint}", "prompt")
+    if isinstance(obj["prompt"], str):
+        if not obj["prompt"].strip():
+            raise where.error("is empty; write the prompt", "prompt")
+        return [{"role": "user", "content": obj["prompt"]}]
+    return _messages_from_chat({"messages": _typed(obj["prompt"], list, where, "prompt")}, where)
+
+
+def _reply_text(obj: dict, key: str, where: Where, hint: str) -> str:
+    """A reply given as a string or as ``[{"role": "assistant", "content": ...}]``."""
+    if key not in obj:
+        raise where.error(f"missing; {hint}", key)
+    value = obj[key]
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
+            and value[0].get("role") == "assistant":
+        value = value[0].get("content")
+    if not isinstance(value, str):
+        raise where.error(f"expected a string or one assistant message, got {_json_type(value)} {_show(value)}", key)
+    if not value.strip():
+        raise where.error("is empty; give the reply text or drop the row", key)
+    return value
+
+
+def _pair_from_preference(obj: dict, where: Where) -> tuple[list[Message], dict]:
+    """Preference pair ``{"prompt", "chosen", "rejected"}`` -> prompt + chosen, and ``rejected``."""
+    hint = "a preference row is {\"prompt\", \"chosen\", \"rejected\"}"
+    prompt = _prompt_messages(obj, where, hint)
+    chosen, rejected = _reply_text(obj, "chosen", where, hint), _reply_text(obj, "rejected", where, hint)
+    if chosen == rejected:
+        raise where.error("equals 'chosen'; a preference pair needs two different replies", "rejected")
+    return prompt + [{"role": "assistant", "content": chosen}], {"rejected": rejected}
+
+
+def _unpaired_from_feedback(obj: dict, where: Where) -> tuple[list[Message], dict]:
+    """Unpaired feedback ``{"prompt", "completion", "label": true|false}`` (KTO) -> prompt + completion."""
+    hint = "an unpaired feedback row is {\"prompt\", \"completion\", \"label\": true|false}"
+    prompt = _prompt_messages(obj, where, hint)
+    completion = _reply_text(obj, "completion", where, hint)
+    if "label" not in obj:
+        raise where.error(f"missing; {hint}", "label")
+    if not isinstance(obj["label"], bool):
+        raise where.error(f"expected true or false, got {_json_type(obj['label'])} {_show(obj['label'])}", "label")
+    return prompt + [{"role": "assistant", "content": completion}], {"label": obj["label"]}
+
+
+def _no_extras(reader: Callable[[dict, Where], list[Message]]) -> Callable[[dict, Where], tuple[list[Message], dict]]:
+    return lambda obj, where: (reader(obj, where), {})
+
+
 @dataclass(frozen=True)
 class RowFormat:
-    """An input format: keys that identify it (for ``auto``) and its row -> messages reader."""
+    """An input format: keys that identify it (for ``auto``) and its row -> (messages, extras) reader."""
 
     name: str
     signature_keys: tuple[str, ...]
-    to_messages: Callable[[dict, Where], list[Message]]
+    to_row: Callable[[dict, Where], tuple[list[Message], dict]]
 
 
 FORMATS: dict[str, RowFormat] = {
-    "chat": RowFormat("chat", ("messages",), _messages_from_chat),
-    "alpaca": RowFormat("alpaca", ("instruction", "output"), _messages_from_alpaca),
+    "chat": RowFormat("chat", ("messages",), _no_extras(_messages_from_chat)),
+    "alpaca": RowFormat("alpaca", ("instruction", "output"), _no_extras(_messages_from_alpaca)),
+    "preference": RowFormat("preference", ("chosen", "rejected"), _pair_from_preference),
+    "unpaired": RowFormat("unpaired", ("label",), _unpaired_from_feedback),
 }
+EXTRA_FIELDS = ("rejected", "label")  # the row fields besides id and messages that formats may add
+
+
+def _internal_row(obj: dict, where: Where) -> tuple[list[Message], dict]:
+    """A row of a dataset artifact: chat messages plus the extras preference/feedback formats add."""
+    extras = {}
+    if "rejected" in obj:
+        extras["rejected"] = _typed(obj["rejected"], str, where, "rejected")
+    if "label" in obj:
+        if not isinstance(obj["label"], bool):
+            raise where.error(f"expected true or false, got {_show(obj['label'])}", "label")
+        extras["label"] = obj["label"]
+    return _messages_from_chat(obj, where), extras
+
+
+INTERNAL_FORMAT = RowFormat("internal", ("messages",), _internal_row)
 
 
 def detect_format(obj: dict, where: Where) -> RowFormat:
@@ -175,14 +249,15 @@ def check_role_order(messages: list[Message], where: Where) -> None:
                           f"messages[{last}].content")
 
 
-def derived_id(messages: list[Message]) -> str:
-    """A deterministic id for a row without one: sha256 of the messages' canonical JSON, shortened."""
-    return hashlib.sha256(canonical_json(messages).encode("utf-8")).hexdigest()[:ID_HEX_CHARS]
+def derived_id(messages: list[Message], extras: dict | None = None) -> str:
+    """A deterministic id for a row without one: sha256 of its canonical JSON, shortened."""
+    content = {"messages": messages, **extras} if extras else messages
+    return hashlib.sha256(canonical_json(content).encode("utf-8")).hexdigest()[:ID_HEX_CHARS]
 
 
-def _row_id(obj: dict, messages: list[Message], where: Where) -> str:
+def _row_id(obj: dict, messages: list[Message], where: Where, extras: dict | None = None) -> str:
     if "id" not in obj:
-        return derived_id(messages)
+        return derived_id(messages, extras)
     row_id = _typed(obj["id"], str, where, "id")
     if not row_id:
         raise where.error("is empty; give a non-empty id or leave the key out", "id")
@@ -244,28 +319,33 @@ def _json_lines(text: str, name: str) -> Iterator[tuple[Where, dict]]:
         yield where, obj
 
 
-def parse_rows(text: str, name: str, format: str = "auto") -> list[Row]:
+def parse_rows(text: str, name: str, format: str | RowFormat = "auto") -> list[Row]:
     """Rows in the internal schema from JSONL ``text``; ``name`` is the file named in errors."""
-    if format != "auto" and format not in FORMATS:
+    if isinstance(format, RowFormat):
+        row_format = format
+    elif format == "auto":
+        row_format = None
+    elif format in FORMATS:
+        row_format = FORMATS[format]
+    else:
         raise DataError(f"{name}: unknown format {format!r}; expected auto, {', '.join(FORMATS)}")
-    row_format = None if format == "auto" else FORMATS[format]
     duplicates = _DuplicateCheck()
     rows = []
     for where, obj in _json_lines(text, name):
         if row_format is None:
             row_format = detect_format(obj, where)
-        messages = row_format.to_messages(obj, where)
+        messages, extras = row_format.to_row(obj, where)
         check_role_order(messages, where)
-        row_id = _row_id(obj, messages, where)
+        row_id = _row_id(obj, messages, where, extras)
         duplicates.add(row_id, "id" in obj, where)
-        rows.append({"id": row_id, "messages": messages})
+        rows.append({"id": row_id, "messages": messages, **extras})
     if not rows:
         raise DataError(f"{name}: file has no rows; expected one JSON object per line")
     return rows
 
 
-def read_conversations(path: str | Path, format: str = "auto", name: str | None = None) -> list[Row]:
-    """Read and validate a JSONL file in ``format`` (``auto``, ``chat``, ``alpaca``).
+def read_conversations(path: str | Path, format: str | RowFormat = "auto", name: str | None = None) -> list[Row]:
+    """Read and validate a JSONL file in ``format`` (``auto`` or a key of :data:`FORMATS`).
 
     ``name`` is how errors refer to the file (default: ``path`` as given).
     """
@@ -283,7 +363,8 @@ def row_line(row: Row) -> str:
 
 def write_rows(rows: Iterable[Row], path: str | Path) -> int:
     """Write rows in the internal format to the file ``path``; returns the number written."""
-    lines = [row_line({"id": row["id"], "messages": row["messages"]}) + "\n" for row in rows]
+    lines = [row_line({"id": row["id"], "messages": row["messages"],
+                       **{k: row[k] for k in EXTRA_FIELDS if k in row}}) + "\n" for row in rows]
     Path(path).write_bytes("".join(lines).encode("utf-8"))
     return len(lines)
 
@@ -297,7 +378,7 @@ def read_rows(artifact_dir: str | Path) -> list[Row]:
     """Rows of a ``dataset`` artifact (a directory holding ``data.jsonl``, or that file itself)."""
     path = Path(artifact_dir)
     file = path if path.is_file() else dataset_file(path)
-    return read_conversations(file, format="chat")
+    return read_conversations(file, format=INTERNAL_FORMAT)
 
 
 def prompt_and_reference(row: Row) -> tuple[list[Message], str]:
