@@ -12,46 +12,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
-
 from tunegraph.chat_data import read_rows
 from tunegraph.context import StageContext
-from tunegraph.errors import StageError
-from tunegraph.modelio import load_model, load_tokenizer, save_model
-from tunegraph.params import StageParams
 from tunegraph.registry import InputSlot, StageResult, stage
-from tunegraph.training.chat_encoding import IGNORE_INDEX, encode_chat
-from tunegraph.training.loop import LoopSettings, train
-from tunegraph.training.strategies import LoraSettings, Strategy, apply_strategy, export_trained, save_adapter
+from tunegraph.training.loop import StepOutput, collate
+from tunegraph.training.params import TrainingParams
+from tunegraph.training.session import check_encoded, load_trainable, save_trained, train_and_summarize
+from tunegraph.training.chat_encoding import encode_chat
 
 
-class SFTParams(StageParams):
-    strategy: Strategy = "lora"
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    learning_rate: float = Field(2e-4, gt=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    max_length: int = Field(512, ge=8, description="tokens; longer examples are truncated")
-    max_truncated_fraction: float = Field(0.05, ge=0, le=1,
-                                          description="refuse the data if more examples than this are truncated")
-
-
-def encode_dataset(tokenizer, rows: list[dict], params: SFTParams, ctx: StageContext):
-    examples = [encode_chat(tokenizer, row["messages"], params.max_length, row["id"]) for row in rows]
-    truncated = sum(e.truncated for e in examples) / len(examples)
-    if truncated > params.max_truncated_fraction:
-        raise StageError(f"stage {ctx.stage!r}: {truncated:.0%} of examples exceed max_length={params.max_length} "
-                         f"tokens and would be cut; raise max_length or max_truncated_fraction")
-    usable = [e for e in examples if any(label != IGNORE_INDEX for label in e.labels)]
-    if not usable:
-        raise StageError(f"stage {ctx.stage!r}: every example's labels are masked (no assistant tokens within "
-                         f"max_length={params.max_length}); raise max_length or check the data")
-    return usable
+class SFTParams(TrainingParams):
+    """SFT has no objective-specific hyperparameters beyond the shared training params."""
 
 
 @stage("sft", params=SFTParams, produces="model",
@@ -59,19 +30,15 @@ def encode_dataset(tokenizer, rows: list[dict], params: SFTParams, ctx: StageCon
        summary_metrics=("train_loss", "steps"))
 def sft(params: SFTParams, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResult:
     """Fine-tune a model on chat data (loss on assistant turns)."""
-    tokenizer = load_tokenizer(inputs["model"])
-    examples = encode_dataset(tokenizer, read_rows(inputs["dataset"]), params, ctx)
-    model = apply_strategy(load_model(inputs["model"]), params.strategy, params.lora)
-    ctx.info(f"{len(examples)} examples, strategy {params.strategy}, "
-             f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
-    settings = LoopSettings(params.epochs, params.batch_size, params.grad_accum, params.learning_rate,
-                            params.warmup_ratio, params.weight_decay, params.max_grad_norm, params.max_steps)
-    summary = train(model, examples, settings, ctx, tokenizer.pad_token_id)
-    if params.strategy == "lora":
-        save_adapter(model, out / "adapter")
-    save_model(export_trained(model, params.strategy), tokenizer, out)
-    return StageResult(
-        metrics={"train_loss": summary.final_loss, "first_loss": summary.first_loss, "steps": summary.steps,
-                 "examples": len(examples), "tokens": summary.tokens},
-        timings={"train_seconds": summary.seconds, "tokens_per_s": summary.tokens / max(summary.seconds, 1e-9)},
-    )
+    model, tokenizer = load_trainable(inputs["model"], params, ctx)
+    examples = [encode_chat(tokenizer, row["messages"], params.max_length, row["id"])
+                for row in read_rows(inputs["dataset"])]
+    examples = check_encoded(examples, params, ctx)
+
+    def step(model, indices: list[int]) -> StepOutput:
+        batch = collate([examples[i] for i in indices], tokenizer.pad_token_id)
+        return StepOutput(model(**batch).loss, int(batch["attention_mask"].sum()))
+
+    result = train_and_summarize(model, len(examples), step, params, ctx)
+    save_trained(model, tokenizer, params, out)
+    return result

@@ -91,3 +91,38 @@ def run_cli(args: list[str], cwd: Path, check: bool = True, timeout: int = 600) 
         raise AssertionError(f"tunegraph {' '.join(args)} exited {result.returncode}\n"
                              f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}")
     return result
+
+
+def stage_ctx(workspace: Path, name: str = "t") -> "StageContext":
+    """A stage context as the runner makes one (seeded, 2 threads), for calling stages directly."""
+    from tunegraph.context import StageContext, seed_everything
+
+    seed_everything(5, 2)
+    return StageContext(stage=name, seed=5, threads=2, workspace=workspace)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory, model_cache) -> Path:
+    """model/ (tiny llama), train/ (16 chat rows), eval/ (6), pairs/ (16 preference pairs), unpaired/ (16)."""
+    import json
+
+    from tunegraph.tasks.import_model import ImportModelParams, import_model
+    from tunegraph.tasks.load_dataset import LoadDatasetParams, load_dataset
+
+    os.environ["TUNEGRAPH_CACHE"] = str(model_cache)
+    root = tmp_path_factory.mktemp("artifacts")
+    (root / "model").mkdir()
+    import_model(ImportModelParams(model="tiny:llama"), {}, root / "model", stage_ctx(root))
+    train = [json.loads(line) for line in (REPO / "data/quickstart/train.jsonl").read_text().splitlines()[:16]]
+    pairs = [{"prompt": r["instruction"], "chosen": r["output"], "rejected": train[(i + 3) % 16]["output"]}
+             for i, r in enumerate(train)]
+    unpaired = [{"prompt": r["instruction"], "completion": r["output"] if i % 2 else train[(i + 3) % 16]["output"],
+                 "label": bool(i % 2)} for i, r in enumerate(train)]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (root / "unpaired.jsonl").write_text("".join(json.dumps(p) + "\n" for p in unpaired))
+    sources = (("train", str(REPO / "data/quickstart/train.jsonl"), 16), ("eval", str(REPO / "data/quickstart/eval.jsonl"), 6),
+               ("pairs", str(root / "pairs.jsonl"), None), ("unpaired", str(root / "unpaired.jsonl"), None))
+    for name, path, limit in sources:
+        (root / name).mkdir()
+        load_dataset(LoadDatasetParams(path=path, limit=limit), {}, root / name, stage_ctx(root))
+    return root

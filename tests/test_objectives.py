@@ -106,8 +106,7 @@ def dpo_batch(generator: torch.Generator, width: int = 9):
     lengths = torch.randint(1, width - 1, (2 * BATCH,), generator=generator)
     positions = torch.arange(width)
     completion_mask = ((positions >= 2) & (positions < 2 + lengths[:, None])).long()
-    shift_mask = completion_mask[:, 1:].float()
-    logps = summed_logps(generator, 2 * BATCH)
+    table = per_token_table(summed_logps(generator, 2 * BATCH), completion_mask[:, 1:].float())
     inputs = {
         "input_ids": torch.randint(3, 50, (2 * BATCH, width), generator=generator),
         "attention_mask": torch.ones(2 * BATCH, width, dtype=torch.long),
@@ -115,7 +114,7 @@ def dpo_batch(generator: torch.Generator, width: int = 9):
         "ref_chosen_logps": summed_logps(generator),
         "ref_rejected_logps": summed_logps(generator),
     }
-    return inputs, per_token_table(logps, shift_mask), logps, lengths
+    return inputs, table, table.sum(1), lengths  # row sums: what TRL sums, bit for bit
 
 
 def trl_dpo_compute_loss(inputs, per_token, *, loss_type: str, beta: float, label_smoothing: float = 0.0):
@@ -265,10 +264,8 @@ def test_simpo_matches_trl(beta, gamma, label_smoothing):
     losses, chosen_rewards, rejected_rewards = stand_in.cpo_loss(chosen, rejected)
     close(ours.chosen_rewards, chosen_rewards)
     close(ours.rejected_rewards, rejected_rewards)
-    # and the paper's form, with no gamma / beta detour: -log sigmoid(beta*avg_w - beta*avg_l - gamma)
-    paper = -F.logsigmoid(beta * chosen - beta * rejected - gamma)
-    if not label_smoothing:
-        close(losses, paper)
+    if not label_smoothing:  # and the paper's form, no gamma / beta detour: -log sigmoid(b*avg_w - b*avg_l - g)
+        close(losses, -F.logsigmoid(beta * chosen - beta * rejected - gamma))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +337,9 @@ def kto_batch(generator: torch.Generator, desirable: list[bool], width: int = 8)
 
     ids, completion_mask = rows(1)
     kl_ids, kl_completion_mask = rows(2)
-    logps, kl_logps = summed_logps(generator, n), summed_logps(generator, n)
+    main_table = per_token_table(summed_logps(generator, n), completion_mask[:, 1:].float())
+    kl_table = per_token_table(summed_logps(generator, n), kl_completion_mask[:, 1:].float())
+    logps, kl_logps = main_table.sum(1), kl_table.sum(1)
     inputs = {
         "input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": completion_mask,
         "KL_input_ids": kl_ids, "KL_attention_mask": torch.ones_like(kl_ids), "KL_completion_mask": kl_completion_mask,
@@ -348,14 +347,13 @@ def kto_batch(generator: torch.Generator, desirable: list[bool], width: int = 8)
         # reference KL log-probs a little below the policy's on average, so z0 > 0 is exercised
         "ref_KL_logps": kl_logps - torch.rand(n, generator=generator) * 4 + 1,
     }
-    main_table = per_token_table(logps, completion_mask[:, 1:].float())
-    kl_table = per_token_table(kl_logps, kl_completion_mask[:, 1:].float())
     return inputs, main_table, kl_table, logps, kl_logps
 
 
 @pytest.mark.parametrize("beta", [0.05, 0.1, 0.5])
 @pytest.mark.parametrize(("desirable_weight", "undesirable_weight"), [(1.0, 1.0), (1.0, 1.33), (0.75, 1.0)])
-@pytest.mark.parametrize("desirable", [[True, False, True, True, False], [True] * 5, [False, False, True, False, False]])
+@pytest.mark.parametrize("desirable", [[True, False, True, True, False], [True] * 5, [False, False, True, False, False]],
+                         ids=["mixed", "all-desirable", "mostly-undesirable"])
 def test_kto_matches_trl(beta, desirable_weight, undesirable_weight, desirable):
     generator = torch.Generator().manual_seed(8)
     inputs, main_table, kl_table, logps, kl_logps = kto_batch(generator, desirable)
@@ -417,7 +415,7 @@ def test_sequence_logps_matches_hand_loop(average):
     logits, labels = tiny_example()
     logps, n_tokens = sequence_logps(logits, labels, average=average)
     assert logps.dtype == torch.float32 and logps.shape == (3,)
-    assert n_tokens.tolist() == [4 - 0, 6 - 2, 5]  # labelled positions t >= 1
+    assert n_tokens.tolist() == [4, 4, 5]  # labelled positions t >= 1
     close(logps, hand_logps(logits, labels, average))
     close(logps, trl_orpo.ORPOTrainer.get_batch_logps(logits, labels, average_log_prob=average))
 

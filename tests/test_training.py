@@ -13,36 +13,17 @@ from tunegraph.context import StageContext, seed_everything
 from tunegraph.errors import StageError
 from tunegraph.modelio import load_tokenizer
 from tunegraph.tasks.evaluate import EvaluateParams, evaluate, normalize_answer
-from tunegraph.tasks.import_model import ImportModelParams, import_model
-from tunegraph.tasks.load_dataset import LoadDatasetParams, load_dataset
 from tunegraph.tasks.sft import SFTParams, sft
 from tunegraph.training.chat_encoding import IGNORE_INDEX, encode_chat
 
 MESSAGES = [{"role": "user", "content": "What is the capital of Canada?"}, {"role": "assistant", "content": "Ottawa"}]
 
 
-def ctx(workspace: Path, name: str = "t") -> StageContext:
-    seed_everything(5, 2)
-    return StageContext(stage=name, seed=5, threads=2, workspace=workspace)
+from conftest import stage_ctx as ctx
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory, model_cache):
-    import os
-
-    os.environ["TUNEGRAPH_CACHE"] = str(model_cache)
-    root = tmp_path_factory.mktemp("artifacts")
-    repo = Path(__file__).resolve().parents[1]
-    (root / "model").mkdir()
-    import_model(ImportModelParams(model="tiny:llama"), {}, root / "model", ctx(root))
-    for name, path, limit in (("train", "data/quickstart/train.jsonl", 16), ("eval", "data/quickstart/eval.jsonl", 6)):
-        (root / name).mkdir()
-        load_dataset(LoadDatasetParams(path=str(repo / path), limit=limit), {}, root / name, ctx(root))
-    return root
-
-
-def test_only_assistant_tokens_and_end_of_turn_are_labelled(artifacts):
-    tokenizer = load_tokenizer(artifacts / "model")
+def test_only_assistant_tokens_and_end_of_turn_are_labelled(tiny_artifacts):
+    tokenizer = load_tokenizer(tiny_tiny_artifacts / "model")
     encoded = encode_chat(tokenizer, MESSAGES, max_length=256)
     labelled = [t for t in encoded.labels if t != IGNORE_INDEX]
     assert tokenizer.decode(labelled).strip() == "Ottawa<|im_end|>"
@@ -50,20 +31,20 @@ def test_only_assistant_tokens_and_end_of_turn_are_labelled(artifacts):
     assert not encoded.truncated
 
 
-def test_multi_turn_labels_every_assistant_turn(artifacts):
-    tokenizer = load_tokenizer(artifacts / "model")
+def test_multi_turn_labels_every_assistant_turn(tiny_artifacts):
+    tokenizer = load_tokenizer(tiny_tiny_artifacts / "model")
     turns = MESSAGES + [{"role": "user", "content": "And of France?"}, {"role": "assistant", "content": "Paris"}]
     labels = encode_chat(tokenizer, turns, max_length=256).labels
     text = tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
     assert "Ottawa" in text and "Paris" in text and "France" not in text
 
 
-def test_sft_lora_changes_weights_and_saves_adapter(artifacts, tmp_path):
+def test_sft_lora_changes_weights_and_saves_adapter(tiny_artifacts, tmp_path):
     params = SFTParams(strategy="lora", max_steps=3, batch_size=4, learning_rate=5e-3, max_length=128)
-    result = sft(params, {"model": artifacts / "model", "dataset": artifacts / "train"}, tmp_path, ctx(tmp_path))
+    result = sft(params, {"model": tiny_artifacts / "model", "dataset": tiny_artifacts / "train"}, tmp_path, ctx(tmp_path))
     assert result.metrics["steps"] == 3 and torch.isfinite(torch.tensor(result.metrics["train_loss"]))
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
-    before = load_file(artifacts / "model" / "model.safetensors")
+    before = load_file(tiny_tiny_artifacts / "model" / "model.safetensors")
     after = load_file(tmp_path / "model.safetensors")
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -71,30 +52,30 @@ def test_sft_lora_changes_weights_and_saves_adapter(artifacts, tmp_path):
     assert not any("embed" in k or "norm" in k for k in changed)
 
 
-def test_sft_is_deterministic(artifacts, tmp_path):
+def test_sft_is_deterministic(tiny_artifacts, tmp_path):
     params = SFTParams(strategy="lora", max_steps=2, batch_size=4, max_length=128)
-    inputs = {"model": artifacts / "model", "dataset": artifacts / "train"}
+    inputs = {"model": tiny_artifacts / "model", "dataset": tiny_artifacts / "train"}
     for run in ("a", "b"):
         (tmp_path / run).mkdir()
         sft(params, inputs, tmp_path / run, ctx(tmp_path))
     assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
 
 
-def test_sft_refuses_data_whose_labels_are_all_truncated(artifacts, tmp_path):
+def test_sft_refuses_data_whose_labels_are_all_truncated(tiny_artifacts, tmp_path):
     params = SFTParams(max_steps=1, max_length=8, max_truncated_fraction=1.0)
     with pytest.raises(StageError, match="labels are masked"):
-        sft(params, {"model": artifacts / "model", "dataset": artifacts / "train"}, tmp_path, ctx(tmp_path))
+        sft(params, {"model": tiny_artifacts / "model", "dataset": tiny_artifacts / "train"}, tmp_path, ctx(tmp_path))
 
 
-def test_sft_refuses_silent_truncation(artifacts, tmp_path):
+def test_sft_refuses_silent_truncation(tiny_artifacts, tmp_path):
     params = SFTParams(max_steps=1, max_length=40)
     with pytest.raises(StageError, match="exceed max_length=40"):
-        sft(params, {"model": artifacts / "model", "dataset": artifacts / "train"}, tmp_path, ctx(tmp_path))
+        sft(params, {"model": tiny_artifacts / "model", "dataset": tiny_artifacts / "train"}, tmp_path, ctx(tmp_path))
 
 
-def test_evaluate_scores_and_baseline_deltas(artifacts, tmp_path):
+def test_evaluate_scores_and_baseline_deltas(tiny_artifacts, tmp_path):
     params = EvaluateParams(max_new_tokens=3, limit=4)
-    inputs = {"model": artifacts / "model", "dataset": artifacts / "eval"}
+    inputs = {"model": tiny_artifacts / "model", "dataset": tiny_artifacts / "eval"}
     (tmp_path / "base").mkdir()
     base = evaluate(params, inputs, tmp_path / "base", ctx(tmp_path))
     assert base.metrics["rows"] == 4 and base.metrics["perplexity"] > 1
@@ -113,17 +94,17 @@ def test_normalize_answer(answer, reference, same):
     assert (normalize_answer(answer) == normalize_answer(reference)) is same
 
 
-def test_sft_artifact_holds_no_absolute_paths(artifacts, tmp_path):
+def test_sft_artifact_holds_no_absolute_paths(tiny_artifacts, tmp_path):
     """Artifacts must not depend on the workspace location (dvc repro elsewhere gives the same bytes)."""
     params = SFTParams(strategy="lora", max_steps=1, batch_size=4, max_length=128)
-    sft(params, {"model": artifacts / "model", "dataset": artifacts / "train"}, tmp_path, ctx(tmp_path))
+    sft(params, {"model": tiny_artifacts / "model", "dataset": tiny_artifacts / "train"}, tmp_path, ctx(tmp_path))
     for path in tmp_path.rglob("*"):
         if path.is_file() and path.suffix in {".json", ".md", ".jinja", ".txt"}:
             text = path.read_text(encoding="utf-8")
-            assert str(artifacts) not in text and str(tmp_path) not in text, path
+            assert str(tiny_artifacts) not in text and str(tmp_path) not in text, path
 
 
-def test_adapter_config_does_not_depend_on_the_hash_seed(artifacts, tmp_path):
+def test_adapter_config_does_not_depend_on_the_hash_seed(tiny_artifacts, tmp_path):
     import subprocess
     import sys
 
@@ -134,7 +115,7 @@ def test_adapter_config_does_not_depend_on_the_hash_seed(artifacts, tmp_path):
               " out, StageContext(stage='t', seed=5, threads=2, workspace=out))")
     for seed in ("1", "2"):
         env = {**__import__("os").environ, "PYTHONHASHSEED": seed}
-        subprocess.run([sys.executable, "-P", "-c", script, str(artifacts), str(tmp_path / seed)], env=env, check=True,
+        subprocess.run([sys.executable, "-P", "-c", script, str(tiny_artifacts), str(tmp_path / seed)], env=env, check=True,
                        capture_output=True)
     config = "adapter/adapter_config.json"
     assert (tmp_path / "1" / config).read_bytes() == (tmp_path / "2" / config).read_bytes()

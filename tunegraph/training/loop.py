@@ -1,15 +1,17 @@
 """A small, deterministic training loop: seeded batch order, AdamW, warmup + linear decay.
 
-The objective is a function ``loss_fn(model, batch) -> scalar tensor``; update strategies only
-decide which parameters have ``requires_grad``. Gradient accumulation over ``grad_accum`` micro
-batches, global-norm clipping, per-step metrics (loss, lr, tokens/s) through the stage context.
+The objective comes in as a step function ``step_fn(model, indices) -> StepOutput``: it builds the
+micro batch for those example indices and returns its differentiable loss, its token count and
+scalar metrics. Update strategies only decide which parameters have ``requires_grad``. Gradient
+accumulation over ``grad_accum`` micro batches, global-norm clipping, per-step metrics (loss, lr,
+tokens/s and the objective's own) through the stage context.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -31,12 +33,23 @@ class LoopSettings:
 
 
 @dataclass(frozen=True)
+class StepOutput:
+    loss: torch.Tensor
+    tokens: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class TrainSummary:
     steps: int
     first_loss: float
     final_loss: float  # mean over the last 10 % of steps
     tokens: int
     seconds: float
+    final_metrics: dict[str, float]  # the objective's metrics, mean over the last 10 % of steps
+
+
+StepFn = Callable[[torch.nn.Module, list[int]], StepOutput]
 
 
 def collate(examples: list[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -53,11 +66,6 @@ def collate(examples: list[EncodedExample], pad_id: int) -> dict[str, torch.Tens
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled positions (the model shifts labels itself)."""
-    return model(**batch).loss
-
-
 def micro_batches(n_examples: int, settings: LoopSettings, seed: int) -> list[list[int]]:
     """Index lists for every micro batch of the run, shuffled per epoch by a seeded generator."""
     generator = torch.Generator().manual_seed(seed)
@@ -70,11 +78,15 @@ def micro_batches(n_examples: int, settings: LoopSettings, seed: int) -> list[li
     return batches[:total]
 
 
-def train(model, examples: list[EncodedExample], settings: LoopSettings, ctx: StageContext, pad_id: int,
-          loss_fn: Callable = causal_lm_loss) -> TrainSummary:
+def _tail_mean(values: list[float]) -> float:
+    tail = values[-max(1, len(values) // 10):]
+    return sum(tail) / len(tail) if tail else float("nan")
+
+
+def train(model, n_examples: int, step_fn: StepFn, settings: LoopSettings, ctx: StageContext) -> TrainSummary:
     from transformers import get_linear_schedule_with_warmup
 
-    schedule = micro_batches(len(examples), settings, ctx.seed)
+    schedule = micro_batches(n_examples, settings, ctx.seed)
     steps = math.ceil(len(schedule) / settings.grad_accum)
     if settings.max_steps:
         steps = min(steps, settings.max_steps)
@@ -84,25 +96,30 @@ def train(model, examples: list[EncodedExample], settings: LoopSettings, ctx: St
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
     model.train()
     losses: list[float] = []
+    history: dict[str, list[float]] = {}
     tokens, started = 0, time.monotonic()
     for step in range(steps):
         step_started, step_loss, step_tokens = time.monotonic(), 0.0, 0
-        for indices in schedule[step * settings.grad_accum:(step + 1) * settings.grad_accum]:
-            batch = collate([examples[i] for i in indices], pad_id)
-            loss = loss_fn(model, batch) / settings.grad_accum
-            loss.backward()
-            step_loss += loss.item()
-            step_tokens += int(batch["attention_mask"].sum())
+        step_metrics: dict[str, float] = {}
+        micro = schedule[step * settings.grad_accum:(step + 1) * settings.grad_accum]
+        for indices in micro:
+            output = step_fn(model, indices)
+            (output.loss / len(micro)).backward()
+            step_loss += output.loss.item() / len(micro)
+            step_tokens += output.tokens
+            for key, value in output.metrics.items():
+                step_metrics[key] = step_metrics.get(key, 0.0) + float(value) / len(micro)
         torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
+        for key, value in step_metrics.items():
+            history.setdefault(key, []).append(value)
         tokens += step_tokens
         elapsed = time.monotonic() - step_started
         ctx.log_step(step, {"loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                            "tokens_per_s": step_tokens / max(elapsed, 1e-9)})
+                            "tokens_per_s": step_tokens / max(elapsed, 1e-9), **step_metrics})
         ctx.progress(step + 1, steps, f"loss {step_loss:.4f}")
-    tail = losses[-max(1, len(losses) // 10):]
-    return TrainSummary(steps, losses[0] if losses else float("nan"), sum(tail) / len(tail), tokens,
-                        time.monotonic() - started)
+    return TrainSummary(steps, losses[0] if losses else float("nan"), _tail_mean(losses), tokens,
+                        time.monotonic() - started, {k: _tail_mean(v) for k, v in history.items()})
