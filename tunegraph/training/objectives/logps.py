@@ -23,6 +23,19 @@ import torch
 from tunegraph.training.chat_encoding import IGNORE_INDEX
 
 
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p_t, mask)`` for t = 1 .. T-1, both ``[batch, seq - 1]``: the float32 log-prob of each
+    label under the logits one position earlier (0 where not scored) and the scored positions."""
+    if logits.dim() != 3 or logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not align as "
+                         f"[batch, seq, vocab] and [batch, seq]")
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    picked = logits.gather(-1, targets.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
+    return (picked - torch.logsumexp(logits, dim=-1)).masked_fill(~mask, 0.0), mask
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logps, n_tokens)``: per-sequence sum (``average=False``) or mean (``average=True``) of
     ``log p(label_t | tokens_<t)`` over labelled positions, and the number of those positions.
@@ -31,15 +44,8 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool) ->
     with the input ids, -100 where not scored. Returns float32 ``[batch]`` and int64 ``[batch]``.
     A row without labelled tokens has sum 0; its average is undefined and raises ``ValueError``.
     """
-    if logits.dim() != 3 or logits.shape[:2] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not align as "
-                         f"[batch, seq, vocab] and [batch, seq]")
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    picked = logits.gather(-1, targets.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
-    per_token = picked - torch.logsumexp(logits, dim=-1)
-    logps = per_token.masked_fill(~mask, 0.0).sum(-1)
+    per_token, mask = token_logps(logits, labels)
+    logps = per_token.sum(-1)
     n_tokens = mask.sum(-1)
     if average:
         if bool((n_tokens == 0).any()):
