@@ -23,7 +23,7 @@ from conftest import stage_ctx as ctx
 
 
 def test_only_assistant_tokens_and_end_of_turn_are_labelled(tiny_artifacts):
-    tokenizer = load_tokenizer(tiny_tiny_artifacts / "model")
+    tokenizer = load_tokenizer(tiny_artifacts / "model")
     encoded = encode_chat(tokenizer, MESSAGES, max_length=256)
     labelled = [t for t in encoded.labels if t != IGNORE_INDEX]
     assert tokenizer.decode(labelled).strip() == "Ottawa<|im_end|>"
@@ -32,7 +32,7 @@ def test_only_assistant_tokens_and_end_of_turn_are_labelled(tiny_artifacts):
 
 
 def test_multi_turn_labels_every_assistant_turn(tiny_artifacts):
-    tokenizer = load_tokenizer(tiny_tiny_artifacts / "model")
+    tokenizer = load_tokenizer(tiny_artifacts / "model")
     turns = MESSAGES + [{"role": "user", "content": "And of France?"}, {"role": "assistant", "content": "Paris"}]
     labels = encode_chat(tokenizer, turns, max_length=256).labels
     text = tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
@@ -44,7 +44,7 @@ def test_sft_lora_changes_weights_and_saves_adapter(tiny_artifacts, tmp_path):
     result = sft(params, {"model": tiny_artifacts / "model", "dataset": tiny_artifacts / "train"}, tmp_path, ctx(tmp_path))
     assert result.metrics["steps"] == 3 and torch.isfinite(torch.tensor(result.metrics["train_loss"]))
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
-    before = load_file(tiny_tiny_artifacts / "model" / "model.safetensors")
+    before = load_file(tiny_artifacts / "model" / "model.safetensors")
     after = load_file(tmp_path / "model.safetensors")
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}

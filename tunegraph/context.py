@@ -19,6 +19,9 @@ class StageContext:
     threads: int
     workspace: Path
     step_logger: StepLogger | None = None
+    # Where training may keep checkpoints to resume from: stable across attempts of the same
+    # fingerprint, outside the stage's temp output dir (the runner fills it).
+    checkpoint_dir: Path | None = None
     _last_progress: float = field(default=0.0, repr=False)
 
     def path(self, relative: str) -> Path:

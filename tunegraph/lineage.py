@@ -109,7 +109,7 @@ def plan_stage(recipe: Recipe, workspace: Path, name: str) -> StagePlan:
         name=name, kind=stage.kind.name,
         out_dir=artifact_dir(recipe, workspace, name), metrics_path=metrics_path(recipe, workspace, name),
         inputs=inputs, upstream=upstream, input_files=input_files,
-        params=stage.params.model_dump(mode="json"), source=stage.params.source_identity(),
+        params=stage.params.fingerprint_params(), source=stage.params.source_identity(),
         seed=recipe.spec.seed, threads=recipe.spec.threads, code_version=code_version(stage.kind.module),
     )
 

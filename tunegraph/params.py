@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -20,6 +20,13 @@ class StageParams(BaseModel):
     """Params of a stage kind. Unknown keys are errors; values are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Fields that cannot change the output (e.g. how often to checkpoint): left out of the
+    # fingerprint and the manifest, so changing them neither re-runs the stage nor loses a resume point.
+    NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset()
+
+    def fingerprint_params(self) -> dict:
+        """The params as they enter the fingerprint and the manifest."""
+        return self.model_dump(mode="json", exclude=set(self.NOT_IN_FINGERPRINT))
 
     def input_files(self) -> list[str]:
         """Workspace paths this stage reads besides its upstream artifacts."""

@@ -62,11 +62,13 @@ def execute_stage(
     stage = recipe.stages[name]
     started = time.monotonic()
     seed_everything(plan.seed, plan.threads)
-    ctx = StageContext(stage=name, seed=plan.seed, threads=plan.threads, workspace=workspace, step_logger=step_logger)
+    ctx = StageContext(stage=name, seed=plan.seed, threads=plan.threads, workspace=workspace, step_logger=step_logger,
+                       checkpoint_dir=workspace / ".tunegraph" / "checkpoints" / name / plan.fingerprint[:16])
 
     plan.out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in plan.out_dir.parent.glob(f".{name}.tmp-*"):  # left by a killed earlier attempt
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = plan.out_dir.parent / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         result = stage.kind.fn(stage.params, dict(plan.inputs), tmp, ctx)
@@ -80,6 +82,8 @@ def execute_stage(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if ctx.checkpoint_dir is not None:  # the artifact is committed: resume points are no longer needed
+        shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
     _write_json_atomic(plan.metrics_path, result.metrics)
     return StageOutcome(name, "ran", plan.fingerprint, manifest["content_hash"], dict(result.metrics),
                         time.monotonic() - started, plan.out_dir, dict(result.timings))

@@ -12,11 +12,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from tunegraph.context import StageContext
+from tunegraph.training.checkpoint import Checkpointer, LoopState, run_fingerprint
 from tunegraph.training.chat_encoding import IGNORE_INDEX, EncodedExample
 
 
@@ -30,6 +32,8 @@ class LoopSettings:
     weight_decay: float
     max_grad_norm: float
     max_steps: int | None
+    checkpoint_every: int | None = None  # optimizer steps between checkpoints; None: no checkpoints
+    keep_checkpoints: int = 2
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,11 @@ def _tail_mean(values: list[float]) -> float:
     return sum(tail) / len(tail) if tail else float("nan")
 
 
-def train(model, n_examples: int, step_fn: StepFn, settings: LoopSettings, ctx: StageContext) -> TrainSummary:
+def train(model, n_examples: int, step_fn: StepFn, settings: LoopSettings, ctx: StageContext,
+          checkpoint_dir: Path | None = None,
+          make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None) -> TrainSummary:
+    """With ``settings.checkpoint_every`` and a checkpoint dir (argument, else ``ctx.checkpoint_dir``): resume
+    from this run's newest checkpoint there, and save one every that many steps (bit-identical result)."""
     from transformers import get_linear_schedule_with_warmup
 
     schedule = micro_batches(n_examples, settings, ctx.seed)
@@ -92,13 +100,21 @@ def train(model, n_examples: int, step_fn: StepFn, settings: LoopSettings, ctx: 
         steps = min(steps, settings.max_steps)
         schedule = schedule[: steps * settings.grad_accum]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    # the update strategy may bring its own optimizer (GaLore); else AdamW over the trainable parameters
+    optimizer = (make_optimizer(model) if make_optimizer is not None else
+                 torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay))
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
     model.train()
-    losses: list[float] = []
-    history: dict[str, list[float]] = {}
-    tokens, started = 0, time.monotonic()
-    for step in range(steps):
+    checkpoint_dir = checkpoint_dir or ctx.checkpoint_dir
+    checkpoints = None
+    if settings.checkpoint_every and checkpoint_dir is not None:
+        checkpoints = Checkpointer(checkpoint_dir, settings.checkpoint_every, settings.keep_checkpoints,
+                                   run_fingerprint(model, optimizer, settings, n_examples, ctx.seed, ctx.threads))
+    state = (checkpoints.resume(model, optimizer, scheduler) if checkpoints else None) or LoopState()
+    if state.step:
+        ctx.info(f"resuming from step {state.step}")
+    losses, history, tokens, started = state.losses, state.history, state.tokens, time.monotonic()
+    for step in range(state.step, steps):
         step_started, step_loss, step_tokens = time.monotonic(), 0.0, 0
         step_metrics: dict[str, float] = {}
         micro = schedule[step * settings.grad_accum:(step + 1) * settings.grad_accum]
@@ -121,5 +137,7 @@ def train(model, n_examples: int, step_fn: StepFn, settings: LoopSettings, ctx: 
         ctx.log_step(step, {"loss": step_loss, "lr": scheduler.get_last_lr()[0],
                             "tokens_per_s": step_tokens / max(elapsed, 1e-9), **step_metrics})
         ctx.progress(step + 1, steps, f"loss {step_loss:.4f}")
+        if checkpoints:
+            checkpoints.after_step(model, optimizer, scheduler, LoopState(step + 1, losses, history, tokens))
     return TrainSummary(steps, losses[0] if losses else float("nan"), _tail_mean(losses), tokens,
                         time.monotonic() - started, {k: _tail_mean(v) for k, v in history.items()})
