@@ -1,0 +1,139 @@
+"""On-policy RL with verifiable rewards: sample a group per prompt, score, update (GRPO / DAPO).
+
+One loop step = for each prompt of the micro batch, ``group_size`` sampled completions, their
+rewards (a weighted sum of reward functions), group-relative advantages, then one clipped policy
+gradient step on the completion tokens (losses in :mod:`tunegraph.training.objectives.grpo`).
+The reference policy for the KL term is the base model with the LoRA adapter switched off
+(no second copy); under full fine-tuning a frozen copy is kept, only when ``beta > 0``.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from tunegraph.training.chat_encoding import IGNORE_INDEX, prompt_ids
+from tunegraph.training.loop import StepOutput
+from tunegraph.training.objectives.grpo import (clipped_policy_loss, group_advantages, informative_groups,
+                                                overlong_penalty)
+from tunegraph.training.objectives.logps import token_logps
+
+RewardFn = Callable[[str, dict], float]
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    group_size: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    beta: float
+    eps_low: float
+    eps_high: float
+    aggregation: str  # "sequence" (GRPO) or "token" (DAPO)
+    scale_advantages: bool
+    dynamic_sampling: bool
+    overlong_cache: int | None
+
+
+@dataclass(frozen=True)
+class Rollout:
+    sequences: torch.Tensor  # [B*G, P+C] left-padded prompt + completion
+    attention_mask: torch.Tensor  # [B*G, P+C]
+    labels: torch.Tensor  # completion tokens (up to and including EOS), -100 elsewhere
+    texts: list[str]
+    lengths: torch.Tensor  # completion tokens per sample
+
+
+@torch.no_grad()
+def sample_groups(model, tokenizer, conversations: list[list[dict]], settings: RolloutSettings) -> Rollout:
+    """``group_size`` sampled completions per conversation (seeded by the global torch RNG)."""
+    prompts = [prompt_ids(tokenizer, messages) for messages in conversations for _ in range(settings.group_size)]
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    was_training = model.training
+    model.eval()
+    output = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=settings.temperature,
+                            top_p=settings.top_p, max_new_tokens=settings.max_new_tokens, pad_token_id=pad,
+                            eos_token_id=tokenizer.eos_token_id)
+    model.train(was_training)
+    completion = output[:, width:]
+    is_eos = completion == tokenizer.eos_token_id
+    # keep tokens up to and including the first EOS; generate pads finished rows after it
+    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
+    completion_mask = (~after_eos).long()
+    labels = torch.full_like(output, IGNORE_INDEX)
+    labels[:, width:] = completion.masked_fill(after_eos, IGNORE_INDEX)
+    texts = tokenizer.batch_decode(completion.masked_fill(after_eos, pad), skip_special_tokens=True)
+    return Rollout(output, torch.cat([mask, completion_mask], dim=1), labels, texts, completion_mask.sum(-1))
+
+
+def completion_logps(model, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the completion tokens [B, T-1] and their mask, with position ids that
+    skip the left padding (as generation saw them)."""
+    positions = (rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask, position_ids=positions).logits
+    return token_logps(logits, rollout.labels)
+
+
+def make_reference(model, strategy: str, beta: float):
+    """A context manager factory that makes ``model`` compute reference log-probs, or None if beta = 0."""
+    if not beta:
+        return None
+    if hasattr(model, "disable_adapter"):
+        return lambda: (model, model.disable_adapter())
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)  # full fine-tuning: one frozen copy
+    return lambda: (frozen, nullcontext())
+
+
+def make_grpo_step(rows: list[dict], tokenizer, rewards: list[tuple[RewardFn, float]], rollout_settings: RolloutSettings,
+                   policy: PolicySettings, reference) -> Callable:
+    group = rollout_settings.group_size
+
+    def score(texts: list[str], batch_rows: list[dict]) -> torch.Tensor:
+        values = []
+        for index, text in enumerate(texts):
+            row = batch_rows[index // group]
+            values.append(sum(weight * float(fn(text, row)) for fn, weight in rewards))
+        return torch.tensor(values)
+
+    def step(model, indices: list[int]) -> StepOutput:
+        batch_rows = [rows[i] for i in indices]
+        rollout = sample_groups(model, tokenizer, [row["messages"][:-1] for row in batch_rows], rollout_settings)
+        raw = score(rollout.texts, batch_rows)
+        shaped = raw
+        if policy.overlong_cache:
+            shaped = raw + overlong_penalty(rollout.lengths, rollout_settings.max_new_tokens, policy.overlong_cache)
+        advantages = group_advantages(shaped, group, scale=policy.scale_advantages)
+        keep = torch.ones(len(indices), dtype=torch.bool)
+        if policy.dynamic_sampling:
+            keep = informative_groups(shaped, group)
+        logps, mask = completion_logps(model, rollout)
+        mask = mask & keep.repeat_interleave(group).unsqueeze(1)
+        ref_logps = None
+        if reference is not None:
+            ref_model, context = reference()
+            with torch.no_grad(), context:
+                ref_logps, _ = completion_logps(ref_model, rollout)
+        loss, extra = clipped_policy_loss(logps, logps.detach(), advantages, mask, eps_low=policy.eps_low,
+                                          eps_high=policy.eps_high, beta=policy.beta, ref_logps=ref_logps,
+                                          aggregation=policy.aggregation)
+        metrics = {"reward": float(raw.mean()), "reward_std": float(raw.std()) if raw.numel() > 1 else 0.0,
+                   "kept_groups": float(keep.float().mean()), "completion_tokens": float(rollout.lengths.float().mean()),
+                   **{k: float(v) for k, v in extra.items()}}
+        return StepOutput(loss, int(mask.sum()), metrics)
+
+    return step
