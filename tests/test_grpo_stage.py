@@ -12,8 +12,7 @@ from conftest import stage_ctx
 from tunegraph.registry import all_kinds
 
 
-@pytest.mark.parametrize("kind_name", ["grpo", "dapo"])
-@pytest.mark.parametrize("strategy", ["lora", "full"])
+@pytest.mark.parametrize("kind_name,strategy", [("grpo", "lora"), ("dapo", "full")])
 def test_rl_stage_runs_and_moves_the_policy(tiny_artifacts, tmp_path, kind_name, strategy):
     kind = all_kinds()[kind_name]
     params = kind.params_model(strategy=strategy, rewards={"toy_rewards:length_parity": 1.0}, group_size=4,
