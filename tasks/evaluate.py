@@ -22,7 +22,8 @@ from pydantic import Field
 from tunegraph.chat_data import prompt_and_reference, read_rows
 from tunegraph.context import StageContext
 from tunegraph.generation import greedy_answers
-from tunegraph.modelio import load_model, load_tokenizer
+from tunegraph.modelio import load_tokenizer
+from tunegraph.training.strategies import load_with_adapter
 from tunegraph.params import StageParams
 from tunegraph.registry import InputSlot, StageResult, stage
 from tunegraph.training.chat_encoding import IGNORE_INDEX, encode_chat
@@ -69,7 +70,7 @@ def evaluate(params: EvaluateParams, inputs: dict[str, Path], out: Path, ctx: St
     """Perplexity and exact-match accuracy of a model on a held-out chat dataset."""
     rows = read_rows(inputs["dataset"])[: params.limit]
     tokenizer = load_tokenizer(inputs["model"])
-    model = load_model(inputs["model"])
+    model = load_with_adapter(inputs["model"])  # prompt-style strategies need their adapter at inference
     loss = reference_loss(model, tokenizer, rows, params.max_length, params.batch_size)
     prompts, references = zip(*(prompt_and_reference(row) for row in rows))
     answers = greedy_answers(model, tokenizer, list(prompts), params.max_new_tokens, params.batch_size,

@@ -7,20 +7,21 @@ from pathlib import Path
 
 from tunegraph.context import StageContext
 from tunegraph.errors import StageError
-from tunegraph.modelio import load_model, load_tokenizer, save_model
+from tunegraph.modelio import load_tokenizer
 from tunegraph.registry import StageResult
 from tunegraph.training.chat_encoding import IGNORE_INDEX, EncodedExample
 from tunegraph.training.loop import StepFn, train
 from tunegraph.training.params import TrainingParams
-from tunegraph.training.strategies import apply_strategy, export_trained, save_adapter
+from tunegraph.training.strategies import apply_strategy, describe_strategy, load_base, neftune, save_trained_model
 
 
 def load_trainable(model_dir: Path, params: TrainingParams, ctx: StageContext):
     """(model wrapped by the update strategy, tokenizer)."""
     tokenizer = load_tokenizer(model_dir)
-    model = apply_strategy(load_model(model_dir), params.strategy, params.lora)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    ctx.info(f"strategy {params.strategy}: {trainable:,} trainable parameters")
+    settings = params.strategy_settings()
+    model = apply_strategy(load_base(model_dir, params.strategy, settings), params.strategy, settings,
+                           model_dir=model_dir)
+    ctx.info(describe_strategy(model, params.strategy))
     return model, tokenizer
 
 
@@ -40,7 +41,8 @@ def check_encoded(examples: list[EncodedExample], params: TrainingParams, ctx: S
 
 def train_and_summarize(model, n_examples: int, step: StepFn, params: TrainingParams,
                         ctx: StageContext) -> StageResult:
-    summary = train(model, n_examples, step, params.loop_settings(), ctx)
+    with neftune(model, params.neftune_alpha):  # the noise hook exists only while training
+        summary = train(model, n_examples, step, params.loop_settings(), ctx, make_optimizer=params.make_optimizer())
     metrics = {"train_loss": summary.final_loss, "first_loss": summary.first_loss, "steps": summary.steps,
                "examples": n_examples, "tokens": summary.tokens, **summary.final_metrics}
     return StageResult(metrics=metrics, timings={"train_seconds": summary.seconds,
@@ -48,7 +50,6 @@ def train_and_summarize(model, n_examples: int, step: StepFn, params: TrainingPa
 
 
 def save_trained(model, tokenizer, params: TrainingParams, out: Path) -> None:
-    """The full model (adapter merged) at the top of ``out``; a LoRA adapter also under ``adapter/``."""
-    if params.strategy == "lora":
-        save_adapter(model, out / "adapter")
-    save_model(export_trained(model, params.strategy), tokenizer, out)
+    """The full model (adapter merged where it can be) at the top of ``out``; a peft adapter also under
+    ``adapter/``; Spectrum's chosen layers in ``spectrum.json``; see :mod:`tunegraph.training.strategies`."""
+    save_trained_model(model, tokenizer, params.strategy, out)
