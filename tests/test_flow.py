@@ -66,12 +66,12 @@ def test_run_caches_and_reruns_exactly_the_changed_stages(tmp_path):
 @pytest.mark.slow
 def test_only_and_from_select_stages(tmp_path):
     ws = make_tiny_workspace(tmp_path / "ws")
-    run_cli(["run", "recipe.yaml", "--only", "base", "--only", "train_data"], cwd=ws)
-    assert sorted(p.name for p in (ws / "data/out/tiny").iterdir() if p.name != "metrics") == ["base", "train_data"]
+    run_cli(["run", "recipe.yaml", "--only", "base", "--only", "train_data", "--only", "eval_data"], cwd=ws)
+    produced = sorted(p.name for p in (ws / "data/out/tiny").iterdir() if p.name != "metrics")
+    assert produced == ["base", "eval_data", "train_data"]
     missing = run_cli(["run", "recipe.yaml", "--only", "eval_sft"], cwd=ws, check=False)
     assert missing.returncode == 2
     assert "needs the output of stage 'sft'" in missing.stderr.strip().splitlines()[-1]
-    run_cli(["run", "recipe.yaml", "--only", "eval_data"], cwd=ws)
     run_cli(["run", "recipe.yaml", "--from", "sft", "--force"], cwd=ws)
     runs = flow_runs(ws)
     assert statuses(runs[-1][1]) == {"sft": "ran", "eval_sft": "ran"}
