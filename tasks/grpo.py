@@ -58,7 +58,11 @@ def train_rl(params: GRPOParams, inputs: dict[str, Path], out: Path, ctx: StageC
     step = make_grpo_step(rows, tokenizer, rewards, rollout, policy, make_reference(model, params.strategy, params.beta))
     result = train_and_summarize(model, len(rows), step, params, ctx)
     save_trained(model, tokenizer, params, out)
-    return result
+    # completions a reward function failed on (scored 0) or scored outside [0, 1]: counted, not fatal
+    reward_counts = {}
+    for index, (reward, _) in enumerate(rewards):
+        reward_counts.update(reward.stats.as_metrics(f"reward{index}"))
+    return StageResult(metrics={**result.metrics, **reward_counts}, timings=result.timings)
 
 
 @stage("grpo", params=GRPOParams, produces="model",

@@ -21,6 +21,7 @@ def test_rl_stage_runs_and_moves_the_policy(tiny_artifacts, tmp_path, kind_name,
                      stage_ctx(tmp_path, kind_name))
     assert result.metrics["steps"] == 2
     assert math.isfinite(result.metrics["train_loss"]) and 0 <= result.metrics["reward"] <= 1
+    assert result.metrics["reward0_errors"] == 0  # failures of the reward function are counted
     before = load_file(tiny_artifacts / "model" / "model.safetensors")
     after = load_file(tmp_path / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before), "the policy did not move"

@@ -31,6 +31,21 @@ def test_only_assistant_tokens_and_end_of_turn_are_labelled(tiny_artifacts):
     assert not encoded.truncated
 
 
+def test_end_of_turn_stays_labelled_when_pad_equals_eos(tiny_artifacts):
+    """SmolLM2 pads with its EOS token. Masking padding by token id would also mask the real
+    end-of-turn and unlearn stopping; collate masks padding by position, so EOS keeps its label."""
+    from tunegraph.training.loop import collate
+
+    tokenizer = load_tokenizer(tiny_artifacts / "model")
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    short = encode_chat(tokenizer, MESSAGES, max_length=256)
+    longer = encode_chat(tokenizer, MESSAGES[:1] + [{"role": "assistant", "content": "Ottawa, in Ontario"}], 256)
+    batch = collate([short, longer], tokenizer.pad_token_id)
+    eos = tokenizer.eos_token_id
+    assert (batch["labels"][0] == eos).sum() == 1  # the real end of turn, not the padding after it
+    assert (batch["input_ids"][0] == eos).sum() > 1  # padding is EOS too
+
+
 def test_multi_turn_labels_every_assistant_turn(tiny_artifacts):
     tokenizer = load_tokenizer(tiny_artifacts / "model")
     turns = MESSAGES + [{"role": "user", "content": "And of France?"}, {"role": "assistant", "content": "Paris"}]
