@@ -15,7 +15,9 @@ from tunegraph.errors import StageError
 from tunegraph.registry import all_kinds
 
 OBJECTIVES = {"sft": "train", "dpo": "pairs", "ipo": "pairs", "simpo": "pairs", "cpo": "pairs", "orpo": "pairs",
-              "kto": "unpaired"}
+              "kto": "unpaired", "grpo": "train", "dapo": "train"}
+# RL objectives sample completions; a reward that varies on a random tiny model keeps advantages non-zero
+RL_SETTINGS = {"rewards": {"toy_rewards:length_parity": 1.0}, "group_size": 4, "max_new_tokens": 6, "batch_size": 2}
 STRATEGIES = ("full", "lora", "qlora", "dora", "galore", "spectrum", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning")
 ADAPTER = {"lora", "qlora", "dora", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning"}
 # Every strategy runs with SFT and DPO (a reference-model objective); the other objectives with
@@ -45,7 +47,8 @@ def changed_tensors(before: dict, after: dict) -> set[str]:
 @pytest.mark.parametrize("objective,strategy", CASES)
 def test_objective_trains_under_strategy(tiny_artifacts, tmp_path, objective, strategy):
     kind = all_kinds()[objective]
-    params = kind.params_model(strategy=strategy, max_steps=2, batch_size=4, learning_rate=1e-3, max_length=128)
+    settings = {"batch_size": 4, **(RL_SETTINGS if objective in ("grpo", "dapo") else {})}
+    params = kind.params_model(strategy=strategy, max_steps=2, learning_rate=1e-3, max_length=128, **settings)
     inputs = {"model": tiny_artifacts / "model", "dataset": tiny_artifacts / OBJECTIVES[objective]}
     result = kind.fn(params, inputs, tmp_path, stage_ctx(tmp_path, objective))
     assert result.metrics["steps"] == 2
