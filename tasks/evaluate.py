@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
 from pydantic import Field
 
+from tunegraph.answers import normalize_answer
 from tunegraph.chat_data import prompt_and_reference, read_rows
 from tunegraph.context import StageContext
 from tunegraph.generation import greedy_answers
@@ -38,12 +38,6 @@ class EvaluateParams(StageParams):
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(512, ge=8)
     limit: int | None = Field(None, ge=1, description="evaluate the first N rows only")
-
-
-def normalize_answer(text: str) -> str:
-    """First line only, whitespace collapsed, surrounding quotes and trailing punctuation stripped."""
-    first = text.strip().split("\n", 1)[0] if text.strip() else ""
-    return re.sub(r"\s+", " ", first).strip().strip("\"'`").rstrip(".!").strip()
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from functools import lru_cache
 
 from tunegraph.errors import DataError
 from tunegraph.rewards.base import builtin_reward, reference_answer
+from tunegraph.answers import normalize_answer
 
 # --------------------------------------------------------------------------- extraction
 
@@ -88,13 +89,6 @@ def extract_number(text: str) -> float | None:
     if not values:
         return None
     return values[0] if kind == "marker" else values[-1]
-
-
-def normalize_answer(text: str) -> str:
-    """First line only, whitespace collapsed, surrounding quotes and trailing punctuation stripped
-    (the same rule as the evaluate stage's exact match)."""
-    first = text.strip().split("\n", 1)[0] if text.strip() else ""
-    return re.sub(r"\s+", " ", first).strip().strip("\"'`").rstrip(".!").strip()
 
 
 def extract_code(completion: str) -> str:
