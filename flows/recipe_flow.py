@@ -106,7 +106,7 @@ def recipe_flow(recipe_path: str, workspace: str = ".", only: list[str] | None =
         try:
             results.append(futures[name].result())
         except Exception as exc:  # noqa: BLE001 - collected, re-raised below with the stage named
-            upstream_failed = first_error is not None and name in _descendants_of_failed(recipe, results, selected)
+            upstream_failed = first_error is not None and name in _descendants_of_failed(recipe, results)
             results.append({"stage": name, "status": "skipped" if upstream_failed else "failed",
                             "metrics": {}, "duration_s": 0.0, "error": str(exc)})
             first_error = first_error or (name, exc)
@@ -120,7 +120,7 @@ def recipe_flow(recipe_path: str, workspace: str = ".", only: list[str] | None =
     return results
 
 
-def _descendants_of_failed(recipe: Recipe, results: list[dict], selected: list[str]) -> set[str]:
+def _descendants_of_failed(recipe: Recipe, results: list[dict]) -> set[str]:
     failed = [r["stage"] for r in results if r["status"] == "failed"]
     return set().union(*(recipe.descendants(f) for f in failed)) if failed else set()
 

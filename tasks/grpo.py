@@ -55,7 +55,7 @@ def train_rl(params: GRPOParams, inputs: dict[str, Path], out: Path, ctx: StageC
     rollout = RolloutSettings(params.group_size, params.max_new_tokens, params.temperature, params.top_p)
     policy = PolicySettings(params.beta, params.eps_low, params.eps_high, params.aggregation, params.scale_advantages,
                             params.dynamic_sampling, params.overlong_cache)
-    step = make_grpo_step(rows, tokenizer, rewards, rollout, policy, make_reference(model, params.strategy, params.beta))
+    step = make_grpo_step(rows, tokenizer, rewards, rollout, policy, make_reference(model, params.beta))
     result = train_and_summarize(model, len(rows), step, params, ctx)
     save_trained(model, tokenizer, params, out)
     # completions a reward function failed on (scored 0) or scored outside [0, 1]: counted, not fatal

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tunegraph.context import StageContext, seed_everything
 from tunegraph.errors import StageError
 from tunegraph.modelio import load_tokenizer
 from tunegraph.tasks.evaluate import EvaluateParams, evaluate, normalize_answer

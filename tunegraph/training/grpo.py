@@ -89,7 +89,7 @@ def completion_logps(model, rollout: Rollout) -> tuple[torch.Tensor, torch.Tenso
     return token_logps(logits, rollout.labels)
 
 
-def make_reference(model, strategy: str, beta: float):
+def make_reference(model, beta: float):
     """A context manager factory that makes ``model`` compute reference log-probs, or None if beta = 0."""
     if not beta:
         return None
