@@ -11,6 +11,11 @@ from pathlib import Path
 
 import pytest
 
+# Triton kernels run in the CPU interpreter here (no GPU); the flag must be set before any
+# @triton.jit kernel module is imported, so it is set at collection time.
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 
 TINY_RECIPE = """\
