@@ -19,6 +19,20 @@ from typing import Any, Callable
 _STATUS = "/proc/self/status"
 
 
+def _return_freed_memory_to_the_os() -> None:
+    """Pin glibc's mmap threshold at 128 KiB. glibc raises it after the first large frees, after which
+    freed tensors stay resident in the heap and a later call's peak would read as zero."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+_return_freed_memory_to_the_os()
+
+
 @dataclass(frozen=True)
 class Measurement:
     seconds: float
