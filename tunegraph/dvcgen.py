@@ -32,17 +32,22 @@ def dvc_stage_name(recipe: Recipe, stage: str) -> str:
     return f"{recipe.name}-{stage}"
 
 
+def _launcher(processes: int) -> str:
+    """torchrun for data-parallel stages (``processes: N`` in the recipe); nothing otherwise."""
+    return "" if processes == 1 else f"torchrun --standalone --nproc_per_node={processes} --no-python "
+
+
 def dvc_stage(recipe: Recipe, name: str, workspace: Path) -> dict:
     stage = recipe.stages[name]
     recipe_file = _rel(recipe.path, workspace) or str(recipe.path)
-    deps = [_rel(artifact_dir(recipe, workspace, up), workspace) for up in stage.spec.inputs.values()]
+    deps = [_rel(artifact_dir(recipe, workspace, up), workspace) for up in stage.spec.upstream_stages()]
     deps += stage.params.input_files()
     deps += [rel for path in code_files(stage.kind.module) if (rel := _rel(path, workspace))]
     recipe_keys = ["seed", "threads", f"stages.{name}"]
     if "model" in stage.kind.params_model.model_fields and "model" not in stage.spec.params:
         recipe_keys.append("base_model")  # the stage's model param defaults to it
     return {
-        "cmd": f"tunegraph stage {recipe_file} {name}",
+        "cmd": _launcher(stage.spec.processes) + f"tunegraph stage {recipe_file} {name}",
         "deps": sorted(dict.fromkeys(deps)),
         "params": [{recipe_file: recipe_keys}],
         "outs": [_rel(artifact_dir(recipe, workspace, name), workspace)],

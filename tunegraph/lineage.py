@@ -54,14 +54,15 @@ class StagePlan:
     kind: str
     out_dir: Path
     metrics_path: Path
-    inputs: dict[str, Path]  # slot -> upstream artifact directory
-    upstream: dict[str, dict]  # slot -> {"stage", "content_hash"}
+    inputs: dict[str, Path | dict[str, Path]]  # slot -> upstream artifact directory ({stage: dir} for many)
+    upstream: dict[str, dict]  # slot (``slot.i`` for the i-th of a many slot) -> {"stage", "content_hash"}
     input_files: dict[str, str]  # workspace path -> content hash
     params: dict
     source: str  # identity of an external source, e.g. a packaged model's version
     seed: int
     threads: int
     code_version: str
+    processes: int = 1  # data-parallel processes: their gradient averaging changes the numerics
 
     @property
     def fingerprint(self) -> str:
@@ -74,6 +75,8 @@ class StagePlan:
             "seed": self.seed,
             "threads": self.threads,
             "source": self.source,
+            # only when >1, so single-process fingerprints stay what they were
+            **({"processes": self.processes} if self.processes != 1 else {}),
         })
 
 
@@ -90,14 +93,16 @@ def plan_stage(recipe: Recipe, workspace: Path, name: str) -> StagePlan:
     """Resolve a stage's inputs and fingerprint; upstream artifacts must already exist."""
     stage = recipe.stages[name]
     inputs, upstream = {}, {}
-    for slot, parent in stage.spec.inputs.items():
-        parent_dir = artifact_dir(recipe, workspace, parent)
-        manifest = read_manifest(parent_dir)
-        if manifest is None:
-            raise StageError(f"stage {name!r} needs the output of stage {parent!r} at {parent_dir}, which is "
-                             f"missing: run `tunegraph run {recipe.path}` (or include {parent!r} in --only)")
-        inputs[slot] = parent_dir
-        upstream[slot] = {"stage": parent, "content_hash": manifest["content_hash"]}
+    for slot, listed in stage.spec.inputs.items():
+        many = stage.kind.slot(slot).many
+        parents = [listed] if isinstance(listed, str) else listed
+        # The i-th stage of a many slot enters the lineage as ``slot.i``: the order is part of the
+        # fingerprint (a SLERP from a to b is not one from b to a), and each key stays one stage.
+        keys = [f"{slot}.{i}" for i in range(len(parents))] if many else [slot]
+        for key, parent in zip(keys, parents):
+            upstream[key] = {"stage": parent, "content_hash": _upstream_hash(recipe, workspace, name, parent)}
+        dirs = {parent: artifact_dir(recipe, workspace, parent) for parent in parents}
+        inputs[slot] = dirs if many else dirs[parents[0]]
     input_files = {}
     for rel in stage.params.input_files():
         path = Path(rel) if Path(rel).is_absolute() else workspace / rel
@@ -111,7 +116,17 @@ def plan_stage(recipe: Recipe, workspace: Path, name: str) -> StagePlan:
         inputs=inputs, upstream=upstream, input_files=input_files,
         params=stage.params.fingerprint_params(), source=stage.params.source_identity(),
         seed=recipe.spec.seed, threads=recipe.spec.threads, code_version=code_version(stage.kind.module),
+        processes=stage.spec.processes,
     )
+
+
+def _upstream_hash(recipe: Recipe, workspace: Path, name: str, parent: str) -> str:
+    parent_dir = artifact_dir(recipe, workspace, parent)
+    manifest = read_manifest(parent_dir)
+    if manifest is None:
+        raise StageError(f"stage {name!r} needs the output of stage {parent!r} at {parent_dir}, which is "
+                         f"missing: run `tunegraph run {recipe.path}` (or include {parent!r} in --only)")
+    return manifest["content_hash"]
 
 
 def build_manifest(plan: StagePlan, artifact_type: str, root: Path) -> dict:

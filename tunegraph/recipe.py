@@ -8,6 +8,7 @@ error is one line naming file, line, stage and field, with a nearest-key hint.
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tunegraph.errors import RecipeError
 from tunegraph.params import StageParams
-from tunegraph.registry import StageKind, all_kinds
+from tunegraph.registry import InputsMismatch, StageKind, all_kinds
 from tunegraph.suggest import did_you_mean
 from tunegraph.yaml_lines import key_lines, line_of
 
@@ -30,10 +31,19 @@ class _Strict(BaseModel):
 
 class StageSpec(_Strict):
     uses: str = Field(description="the stage kind, e.g. sft")
-    inputs: dict[str, str] = Field(default_factory=dict, description="input slot -> upstream stage")
+    inputs: dict[str, str | list[str]] = Field(
+        default_factory=dict, description="input slot -> upstream stage (a list for slots that take many)")
     params: dict[str, Any] = Field(default_factory=dict)
     retries: int = Field(0, ge=0, description="Prefect retries on an unexpected failure")
     retry_delay_s: float = Field(10.0, ge=0)
+    processes: int = Field(1, ge=1, description="data-parallel processes (torchrun); training stages only")
+
+    def upstream_stages(self) -> tuple[str, ...]:
+        """Every upstream stage this stage reads, once each, in the order the recipe lists them."""
+        names: list[str] = []
+        for value in self.inputs.values():
+            names.extend([value] if isinstance(value, str) else value)
+        return tuple(dict.fromkeys(names))
 
 
 class TrackingSpec(_Strict):
@@ -41,6 +51,14 @@ class TrackingSpec(_Strict):
     mlflow_uri: str | None = Field(
         None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite in the workspace"
     )
+
+
+class SweepSpec(_Strict):
+    """A grid of recipe variants run as one sweep (see :mod:`tunegraph.sweep`)."""
+
+    grid: dict[str, list[Any]] = Field(description="key path -> values, e.g. stages.sft.params.learning_rate: [1e-4]")
+    metric: str = Field(description="STAGE.METRIC (or stages.STAGE.METRIC) that ranks the points")
+    goal: typing.Literal["maximize", "minimize"] = "maximize"
 
 
 class RecipeSpec(_Strict):
@@ -52,6 +70,7 @@ class RecipeSpec(_Strict):
     output_dir: str | None = Field(None, description="where stage artifacts land; default data/out/<name>")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     stages: dict[str, StageSpec]
+    sweep: SweepSpec | None = Field(None, description="run one variant of the recipe per grid point")
 
 
 @dataclass(frozen=True)
@@ -86,7 +105,7 @@ class Recipe:
         while frontier:
             current = frontier.pop()
             for other, stage in self.stages.items():
-                if current in stage.spec.inputs.values() and other not in found:
+                if current in stage.spec.upstream_stages() and other not in found:
                     found.add(other)
                     frontier.append(other)
         return found
@@ -94,7 +113,7 @@ class Recipe:
     def ancestors(self, name: str) -> set[str]:
         found, frontier = set(), [name]
         while frontier:
-            for parent in self.stages[frontier.pop()].spec.inputs.values():
+            for parent in self.stages[frontier.pop()].spec.upstream_stages():
                 if parent not in found:
                     found.add(parent)
                     frontier.append(parent)
@@ -115,7 +134,20 @@ class _Locator:
 
 
 def _field_names(model: type[BaseModel]) -> list[str]:
-    return list(model.model_fields)
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def _nested_model(model: type[BaseModel], key) -> tuple[type[BaseModel] | None, bool]:
+    """The params model a key of ``model`` holds, and whether it sits in a dict (``models: {sft: {...}}``)."""
+    fields = model.model_fields.items() if isinstance(key, str) else ()
+    info = next((i for n, i in fields if key in (n, i.alias)), None)
+    annotation = info.annotation if info else None
+    in_dict = typing.get_origin(annotation) is dict
+    if in_dict:
+        annotation = typing.get_args(annotation)[1]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, in_dict
+    return None, False
 
 
 def _pydantic_error(locator: _Locator, err: ValidationError, model: type[BaseModel], base_loc: tuple, what: str):
@@ -124,12 +156,14 @@ def _pydantic_error(locator: _Locator, err: ValidationError, model: type[BaseMod
     loc = tuple(first["loc"])
     field = ".".join(str(p) for p in loc) or "(top level)"
     if first["type"] == "extra_forbidden":
-        parent = model
-        for part in loc[:-1]:  # descend nested models to find valid siblings
-            sub = parent.model_fields.get(part) if isinstance(part, str) else None
-            if sub is None or not (isinstance(sub.annotation, type) and issubclass(sub.annotation, BaseModel)):
+        parent, parts = model, list(loc[:-1])
+        while parts:  # descend nested models (and dicts of them) to find the valid siblings
+            nested, in_dict = _nested_model(parent, parts.pop(0))
+            if nested is None or (in_dict and not parts):
                 break
-            parent = sub.annotation
+            if in_dict:
+                parts.pop(0)  # the dict key, e.g. a model's stage name
+            parent = nested
         hint = did_you_mean(loc[-1], _field_names(parent))
         valid = ", ".join(_field_names(parent))
         return locator.error(base_loc + loc, f"{what}unknown key {field!r}{hint}; valid keys: {valid}")
@@ -171,17 +205,14 @@ def load_recipe(path: str | Path) -> Recipe:
             raise locator.error(loc + ("uses",), f"stage {name!r}: unknown stage kind {stage_spec.uses!r}"
                                 f"{did_you_mean(stage_spec.uses, kinds)}; known kinds: {', '.join(sorted(kinds))}")
         kind = kinds[stage_spec.uses]
-        for slot_name, upstream in stage_spec.inputs.items():
+        for slot_name, listed in stage_spec.inputs.items():
             slot = kind.slot(slot_name)
             if slot is None:
                 hint = did_you_mean(slot_name, [s.name for s in kind.inputs])
                 valid = ", ".join(s.name for s in kind.inputs) or "none"
                 raise locator.error(loc + ("inputs", slot_name),
                                     f"stage {name!r}: {kind.name} has no input {slot_name!r}{hint}; inputs: {valid}")
-            if upstream not in spec.stages:
-                hint = did_you_mean(upstream, spec.stages)
-                raise locator.error(loc + ("inputs", slot_name),
-                                    f"stage {name!r} input {slot_name!r}: no stage named {upstream!r}{hint}")
+            _check_listed_upstreams(locator, spec, name, slot, listed)
         for slot in kind.inputs:
             if not slot.optional and slot.name not in stage_spec.inputs:
                 raise locator.error(loc, f"stage {name!r}: missing input {slot.name!r} ({kind.name} needs "
@@ -194,28 +225,74 @@ def load_recipe(path: str | Path) -> Recipe:
             params = kind.params_model.model_validate(params_raw)
         except ValidationError as err:
             raise _pydantic_error(locator, err, kind.params_model, loc + ("params",), f"stage {name!r} params: ") from None
+        if stage_spec.processes > 1 and not _is_training(kind.params_model):
+            raise locator.error(loc + ("processes",), f"stage {name!r}: processes={stage_spec.processes} needs a "
+                                f"training stage; {kind.name} runs in one process (remove processes)")
+        if kind.check_inputs is not None:
+            names = {slot: tuple(_as_list(value)) if kind.slot(slot).many else value
+                     for slot, value in stage_spec.inputs.items()}
+            try:
+                kind.check_inputs(params, names)
+            except InputsMismatch as err:
+                raise locator.error(loc + err.location, f"stage {name!r}: {err}") from None
         stages[name] = Stage(name, stage_spec, kind, params)
 
     # artifact types along edges
     for name, stage in stages.items():
-        for slot_name, upstream in stage.spec.inputs.items():
-            produced = stages[upstream].kind.produces
+        for slot_name, listed in stage.spec.inputs.items():
             slot = stage.kind.slot(slot_name)
-            if produced not in slot.accepts:
-                raise locator.error(("stages", name, "inputs", slot_name),
-                                    f"stage {name!r} input {slot_name!r} takes a {' or '.join(slot.accepts)}, "
-                                    f"but {upstream!r} ({stages[upstream].kind.name}) produces a {produced}")
+            for index, upstream in enumerate(_as_list(listed)):
+                produced = stages[upstream].kind.produces
+                if produced not in slot.accepts:
+                    where = ("stages", name, "inputs", slot_name) + ((index,) if isinstance(listed, list) else ())
+                    raise locator.error(where, f"stage {name!r} input {slot_name!r} takes a "
+                                               f"{' or '.join(slot.accepts)}, but {upstream!r} "
+                                               f"({stages[upstream].kind.name}) produces a {produced}")
 
     order = _topological_order(stages, locator)
+    if spec.sweep is not None:
+        from tunegraph.sweep import check_sweep  # lazy: sweep.py builds on this module
+
+        check_sweep(spec, stages, locator)
     return Recipe(path=path, spec=spec, stages=stages, order=order)
+
+
+def _is_training(params_model: type) -> bool:
+    from tunegraph.training.params import TrainingParams  # lazy: torch is not needed to parse YAML
+
+    return issubclass(params_model, TrainingParams)
+
+
+def _as_list(listed: str | list[str]) -> list[str]:
+    return [listed] if isinstance(listed, str) else list(listed)
+
+
+def _check_listed_upstreams(locator: _Locator, spec: RecipeSpec, name: str, slot, listed: str | list[str]) -> None:
+    """A slot's upstream stages exist; a list only where the slot takes many, non-empty, no repeats.
+    (A single name is fine for a slot that takes many: a list of one.)"""
+    where = ("stages", name, "inputs", slot.name)
+    if isinstance(listed, list):
+        if not slot.many:
+            raise locator.error(where, f"stage {name!r} input {slot.name!r} takes one upstream stage, got a list "
+                                       f"{listed}; name a single stage")
+        if not listed:
+            raise locator.error(where, f"stage {name!r} input {slot.name!r}: the list is empty; name one or more "
+                                       f"upstream stages")
+    for index, upstream in enumerate(_as_list(listed)):
+        item = where + ((index,) if isinstance(listed, list) else ())
+        if upstream not in spec.stages:
+            hint = did_you_mean(upstream, spec.stages)
+            raise locator.error(item, f"stage {name!r} input {slot.name!r}: no stage named {upstream!r}{hint}")
+        if _as_list(listed).index(upstream) != index:
+            raise locator.error(item, f"stage {name!r} input {slot.name!r} lists {upstream!r} twice")
 
 
 def _topological_order(stages: dict[str, Stage], locator: _Locator) -> tuple[str, ...]:
     position = {name: i for i, name in enumerate(stages)}
-    indegree = {name: len(set(s.spec.inputs.values())) for name, s in stages.items()}
+    indegree = {name: len(s.spec.upstream_stages()) for name, s in stages.items()}
     children: dict[str, list[str]] = {name: [] for name in stages}
     for name, stage in stages.items():
-        for parent in set(stage.spec.inputs.values()):
+        for parent in stage.spec.upstream_stages():
             children[parent].append(name)
     ready = sorted((n for n, d in indegree.items() if d == 0), key=position.get)
     order = []
@@ -238,7 +315,7 @@ def _find_cycle(stages: dict[str, Stage], candidates: set[str]) -> list[str]:
     path, seen = [start], {start}
     current = start
     while True:
-        nxt = next(p for p in stages[current].spec.inputs.values() if p in candidates)
+        nxt = next(p for p in stages[current].spec.upstream_stages() if p in candidates)
         if nxt in seen:
             cycle = path[path.index(nxt):] + [nxt]
             return list(reversed(cycle))

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunegraph import distributed
 from tunegraph.context import StageContext, StepLogger, seed_everything
 from tunegraph.errors import StageError
 from tunegraph.hashing import MANIFEST_NAME
@@ -66,6 +67,9 @@ def execute_stage(
                        checkpoint_dir=workspace / ".tunegraph" / "checkpoints" / name / plan.fingerprint[:16])
 
     plan.out_dir.parent.mkdir(parents=True, exist_ok=True)
+    world = distributed.current_world()
+    if not world.is_main:  # data-parallel helper rank: trains alongside rank 0, which alone commits
+        return _run_helper_rank(stage, plan, ctx, world, started)
     for stale in plan.out_dir.parent.glob(f".{name}.tmp-*"):  # left by a killed earlier attempt
         shutil.rmtree(stale, ignore_errors=True)
     tmp = plan.out_dir.parent / f".{name}.tmp-{os.getpid()}"
@@ -87,6 +91,19 @@ def execute_stage(
     _write_json_atomic(plan.metrics_path, result.metrics)
     return StageOutcome(name, "ran", plan.fingerprint, manifest["content_hash"], dict(result.metrics),
                         time.monotonic() - started, plan.out_dir, dict(result.timings))
+
+
+def _run_helper_rank(stage, plan: StagePlan, ctx: StageContext, world: distributed.World,
+                     started: float) -> StageOutcome:
+    """Run the stage function on a non-zero rank into a scratch dir that is then thrown away."""
+    scratch = plan.out_dir.parent / f".{plan.name}.rank{world.rank}-{os.getpid()}"
+    scratch.mkdir()
+    try:
+        result = stage.kind.fn(stage.params, dict(plan.inputs), scratch, ctx)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return StageOutcome(plan.name, "ran", plan.fingerprint, "", dict(result.metrics), time.monotonic() - started,
+                        plan.out_dir, dict(result.timings))
 
 
 def _commit_dir(tmp: Path, final: Path) -> None:

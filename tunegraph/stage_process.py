@@ -16,11 +16,22 @@ from tunegraph.errors import StageError
 _ERROR_PREFIX = "error: "
 
 
-def stage_command(recipe_path: Path, workspace: Path, name: str, *, force: bool, parent_run_id: str | None,
-                  runner: str) -> list[str]:
+def launcher_prefix(processes: int) -> list[str]:
+    """How to start the stage: one python process, or ``processes`` data-parallel ranks via torchrun."""
     # -P: do not put the working directory on sys.path (the repo root holds folders named
     # `kernels` and `tasks` that must only be importable as tunegraph.kernels / tunegraph.tasks).
-    command = [sys.executable, "-P", "-m", "tunegraph.cli", "stage", str(recipe_path), name,
+    if processes == 1:
+        return [sys.executable, "-P", "-m", "tunegraph.cli"]
+    # torchrun runs the `tunegraph` console script beside this interpreter (--no-python), which
+    # does not put the working directory on sys.path either; --standalone picks a free port.
+    entry_point = str(Path(sys.executable).parent / "tunegraph")
+    return [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "--no-python", entry_point]
+
+
+def stage_command(recipe_path: Path, workspace: Path, name: str, *, force: bool, parent_run_id: str | None,
+                  runner: str, processes: int = 1) -> list[str]:
+    command = [*launcher_prefix(processes), "stage", str(recipe_path), name,
                "--workspace", str(workspace), "--runner", runner]
     if force:
         command.append("--force")

@@ -5,6 +5,10 @@ micro batch for those example indices and returns its differentiable loss, its t
 scalar metrics. Update strategies only decide which parameters have ``requires_grad``. Gradient
 accumulation over ``grad_accum`` micro batches, global-norm clipping, per-step metrics (loss, lr,
 tokens/s and the objective's own) through the stage context.
+
+Under a multi-process launch (torchrun; see :mod:`tunegraph.distributed`) each rank computes its slice
+of every micro batch and the gradients are averaged across ranks before clipping: data parallelism
+with the same batch schedule, seed and effective batch size as a single process.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from typing import Callable
 
 import torch
 
+from tunegraph import distributed
 from tunegraph.context import StageContext
+from tunegraph.errors import StageError
 from tunegraph.training.checkpoint import Checkpointer, LoopState, run_fingerprint
 from tunegraph.training.chat_encoding import IGNORE_INDEX, EncodedExample
 
@@ -100,6 +106,11 @@ def train(model, n_examples: int, step_fn: StepFn, settings: LoopSettings, ctx: 
         steps = min(steps, settings.max_steps)
         schedule = schedule[: steps * settings.grad_accum]
     trainable = [p for p in model.parameters() if p.requires_grad]
+    world = distributed.current_world()
+    if world.size > settings.batch_size:
+        raise StageError(f"stage {ctx.stage!r}: batch_size={settings.batch_size} is smaller than the {world.size} "
+                         f"processes; raise batch_size so each process gets at least one example per micro batch")
+    distributed.broadcast_trainable(model)
     # the update strategy may bring its own optimizer (GaLore); else AdamW over the trainable parameters
     optimizer = (make_optimizer(model) if make_optimizer is not None else
                  torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay))
@@ -118,13 +129,22 @@ def train(model, n_examples: int, step_fn: StepFn, settings: LoopSettings, ctx: 
         step_started, step_loss, step_tokens = time.monotonic(), 0.0, 0
         step_metrics: dict[str, float] = {}
         micro = schedule[step * settings.grad_accum:(step + 1) * settings.grad_accum]
+        worked = False
         for indices in micro:
-            output = step_fn(model, indices)
+            mine = distributed.shard(indices, world)
+            if not mine:  # a short last batch can leave a rank empty; it still joins the all-reduce
+                continue
+            worked = True
+            output = step_fn(model, mine)
             (output.loss / len(micro)).backward()
             step_loss += output.loss.item() / len(micro)
             step_tokens += output.tokens
             for key, value in output.metrics.items():
                 step_metrics[key] = step_metrics.get(key, 0.0) + float(value) / len(micro)
+        if world.distributed:
+            distributed.average_gradients(trainable)
+            step_loss, step_tokens, step_metrics = distributed.combine_step_logs(step_loss, step_tokens,
+                                                                                 step_metrics, worked)
         torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -134,10 +154,11 @@ def train(model, n_examples: int, step_fn: StepFn, settings: LoopSettings, ctx: 
             history.setdefault(key, []).append(value)
         tokens += step_tokens
         elapsed = time.monotonic() - step_started
-        ctx.log_step(step, {"loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                            "tokens_per_s": step_tokens / max(elapsed, 1e-9), **step_metrics})
-        ctx.progress(step + 1, steps, f"loss {step_loss:.4f}")
-        if checkpoints:
+        if world.is_main:
+            ctx.log_step(step, {"loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                                "tokens_per_s": step_tokens / max(elapsed, 1e-9), **step_metrics})
+            ctx.progress(step + 1, steps, f"loss {step_loss:.4f}")
+        if checkpoints and world.is_main:
             checkpoints.after_step(model, optimizer, scheduler, LoopState(step + 1, losses, history, tokens))
     return TrainSummary(steps, losses[0] if losses else float("nan"), _tail_mean(losses), tokens,
                         time.monotonic() - started, {k: _tail_mean(v) for k, v in history.items()})
