@@ -1,5 +1,5 @@
-"""Stage kind ``load_dataset``: read a JSONL file (chat, alpaca, preference pairs, unpaired feedback),
-validate it, write the internal format."""
+"""Stage kind ``load_dataset``: read a JSONL, JSON or Parquet file (chat, ShareGPT, alpaca, prompt/completion,
+preference pairs, unpaired feedback, verifiable tasks), validate it, write the internal format."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from tunegraph.registry import StageResult, stage
 
 
 class LoadDatasetParams(StageParams):
-    path: InputFile = Field(description="JSONL file, relative to the workspace")
-    format: Literal["auto", "chat", "alpaca", "preference", "unpaired"] = Field(
+    path: InputFile = Field(description=".jsonl, .json (a list) or .parquet file, relative to the workspace")
+    format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "preference", "unpaired",
+                    "verifiable"] = Field(
         "auto", description="input format; auto detects it from the first row's keys"
     )
     limit: int | None = Field(None, ge=1, description="keep the first N rows (after shuffling, if shuffle)")

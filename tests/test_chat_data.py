@@ -82,8 +82,8 @@ def test_auto_detects_each_format(tmp_path):
 
 
 def test_auto_rejects_unknown_keys(tmp_path):
-    message = data_error(write(tmp_path, json.dumps({"prompt": "a", "completion": "b"})))
-    assert ":1:" in message and "'completion', 'prompt'" in message and "format" in message
+    message = data_error(write(tmp_path, json.dumps({"question": "a", "reply": "b"})))
+    assert ":1:" in message and "'question', 'reply'" in message and "format" in message
 
 
 def test_explicit_format_mismatch_names_missing_field(tmp_path):

@@ -1,4 +1,4 @@
-"""Conversation data: read JSONL in several formats into ONE internal schema, and validate it.
+"""Conversation data: read JSONL, JSON or Parquet in several formats into ONE internal schema, and validate it.
 
 The internal schema (a ``dataset`` artifact is a directory holding :data:`DATA_FILE`) is one JSON
 object per line::
@@ -12,10 +12,15 @@ are an optional ``system`` message, then ``user``/``assistant`` turns alternatin
 Preference data keeps the same shape: ``messages`` is the prompt plus the *chosen* reply (so an
 SFT stage can train on chosen answers), and ``rejected`` holds the rejected reply's text. Unpaired
 feedback (KTO) is ``messages`` = prompt + completion with a boolean ``label`` (desirable or not).
+A verifiable task (GRPO/DAPO) is ``messages`` = prompt + the reference answer, and keeps that answer
+as a string in ``answer`` (what the rewards compare with). Rows may also carry a numeric ``score``
+(e.g. from an LLM judge), which filters keep and data cards plot.
 
-Input formats live in :data:`FORMATS`, one small function per format turning a parsed JSON line
-into messages and extra fields; add a format by adding an entry. Every problem is a :class:`DataError` with a
-one-line message ``<file>:<line>: field '<field>': <what is wrong and what to do>``.
+Input formats live in :data:`FORMATS`, one small function per format turning a parsed record
+into messages and extra fields; add a format by adding an entry. Files are JSONL, a JSON list or
+Parquet (see :mod:`tunegraph.data.sources`). Every problem is a :class:`DataError` with a one-line
+message ``<file>:<line>: field '<field>': <what is wrong and what to do>`` (``<file>: row[<i>]: ...``
+for Parquet, ``<file>:<line>: row[<i>]: ...`` for a JSON list).
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
+from tunegraph.data.sources import Where, file_kind, json_type, jsonl_records, read_records
 from tunegraph.errors import DataError
 from tunegraph.hashing import canonical_json
 
@@ -37,45 +43,10 @@ Message = dict[str, str]
 Row = dict[str, Any]
 
 
-# --------------------------------------------------------------------------- error locations
-
-
-@dataclass(frozen=True)
-class Where:
-    """A line of an input file, for error messages (``file`` is the path as the user gave it)."""
-
-    file: str
-    line: int
-
-    def error(self, problem: str, field: str | None = None) -> DataError:
-        """A one-line :class:`DataError` naming file, line and (optionally) field."""
-        field_part = f"field {field!r}: " if field else ""
-        return DataError(_one_line(f"{self.file}:{self.line}: {field_part}{problem}"))
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.splitlines())
-
-
 def _show(value: Any, limit: int = 40) -> str:
     """A short, one-line rendering of a bad value (Python repr, truncated)."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _json_type(value: Any) -> str:
-    """The JSON name of a parsed value's type, as a user would say it."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    return "an object"
 
 
 _EXPECTED = {str: "a string", list: "a list", dict: "an object"}
@@ -91,7 +62,7 @@ def _field(obj: dict, key: str, expected: type, where: Where, path: str, hint: s
 def _typed(value: Any, expected: type, where: Where, path: str) -> Any:
     """``value`` checked to be of type ``expected`` (str, list or dict)."""
     if not isinstance(value, expected):
-        raise where.error(f"expected {_EXPECTED[expected]}, got {_json_type(value)} {_show(value)}", path)
+        raise where.error(f"expected {_EXPECTED[expected]}, got {json_type(value)} {_show(value)}", path)
     return value
 
 
@@ -147,7 +118,7 @@ def _reply_text(obj: dict, key: str, where: Where, hint: str) -> str:
             and value[0].get("role") == "assistant":
         value = value[0].get("content")
     if not isinstance(value, str):
-        raise where.error(f"expected a string or one assistant message, got {_json_type(value)} {_show(value)}", key)
+        raise where.error(f"expected a string or one assistant message, got {json_type(value)} {_show(value)}", key)
     if not value.strip():
         raise where.error("is empty; give the reply text or drop the row", key)
     return value
@@ -171,12 +142,86 @@ def _unpaired_from_feedback(obj: dict, where: Where) -> tuple[list[Message], dic
     if "label" not in obj:
         raise where.error(f"missing; {hint}", "label")
     if not isinstance(obj["label"], bool):
-        raise where.error(f"expected true or false, got {_json_type(obj['label'])} {_show(obj['label'])}", "label")
+        raise where.error(f"expected true or false, got {json_type(obj['label'])} {_show(obj['label'])}", "label")
     return prompt + [{"role": "assistant", "content": completion}], {"label": obj["label"]}
+
+
+def _messages_from_sharegpt(obj: dict, where: Where) -> list[Message]:
+    """ShareGPT: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}``.
+
+    ``user`` and ``assistant`` are accepted as ``from`` too (some exports mix the two vocabularies).
+    """
+    hint = "a ShareGPT row is {\"conversations\": [{\"from\": \"human\"|\"gpt\"|\"system\", \"value\"}, ...]}"
+    raw = _field(obj, "conversations", list, where, "conversations", hint)
+    messages = []
+    for index, item in enumerate(raw):
+        path = f"conversations[{index}]"
+        turn = _typed(item, dict, where, path)
+        speaker = _field(turn, "from", str, where, f"{path}.from", "each turn needs 'from' and 'value'")
+        if speaker not in SHAREGPT_ROLES:
+            raise where.error(f"expected one of human, gpt, system, got {_show(speaker)}", f"{path}.from")
+        value = _field(turn, "value", str, where, f"{path}.value", "each turn needs 'from' and 'value'")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+    return messages
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}
+
+
+def _messages_from_prompt_completion(obj: dict, where: Where) -> list[Message]:
+    """``{"prompt", "completion"}`` (no label): the prompt (a string or messages) and its reply."""
+    hint = "a prompt/completion row is {\"prompt\", \"completion\"}"
+    prompt = _prompt_messages(obj, where, hint)
+    return prompt + [{"role": "assistant", "content": _reply_text(obj, "completion", where, hint)}]
+
+
+def _task_from_verifiable(obj: dict, where: Where) -> tuple[list[Message], dict]:
+    """Verifiable task ``{"prompt", "answer"}`` -> prompt + the answer as the reference reply, and ``answer``.
+
+    The answer is also the final assistant message, so evaluation has a reference and GRPO's prompt is
+    ``messages[:-1]``; a number is kept as its JSON text (``42``, ``0.5``).
+    """
+    hint = "a verifiable task is {\"prompt\", \"answer\"}"
+    prompt = _prompt_messages(obj, where, hint)
+    answer = _answer_text(obj, where, hint)
+    return prompt + [{"role": "assistant", "content": answer}], {"answer": answer}
+
+
+def _answer_text(obj: dict, where: Where, hint: str) -> str:
+    if "answer" not in obj:
+        raise where.error(f"missing; {hint}", "answer")
+    value = obj["answer"]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return json.dumps(value)
+    if not isinstance(value, str):
+        raise where.error(f"expected a string or a number, got {json_type(value)} {_show(value)}", "answer")
+    if not value.strip():
+        raise where.error("is empty; give the reference answer or drop the row", "answer")
+    return value
 
 
 def _no_extras(reader: Callable[[dict, Where], list[Message]]) -> Callable[[dict, Where], tuple[list[Message], dict]]:
     return lambda obj, where: (reader(obj, where), {})
+
+
+@dataclass(frozen=True)
+class TurnFields:
+    """How a format names its turns, so role-order errors point at the user's own field names."""
+
+    list_key: str
+    role_key: str
+    content_key: str
+    role_names: tuple[tuple[str, str], ...] = ()  # internal role -> the format's word, where it differs
+
+    def path(self, index: int, key: str | None = None) -> str:
+        return f"{self.list_key}[{index}]" + (f".{key}" if key else "")
+
+    def role(self, role: str) -> str:
+        return dict(self.role_names).get(role, role)
+
+
+CHAT_TURNS = TurnFields("messages", "role", "content")
+SHAREGPT_TURNS = TurnFields("conversations", "from", "value", (("user", "human"), ("assistant", "gpt")))
 
 
 @dataclass(frozen=True)
@@ -186,26 +231,37 @@ class RowFormat:
     name: str
     signature_keys: tuple[str, ...]
     to_row: Callable[[dict, Where], tuple[list[Message], dict]]
+    turns: TurnFields = CHAT_TURNS
 
 
+# ``auto`` takes the first format whose signature keys appear in the first row, so the order matters:
+# unpaired ({prompt, completion, label}) before prompt_completion ({prompt, completion}).
 FORMATS: dict[str, RowFormat] = {
     "chat": RowFormat("chat", ("messages",), _no_extras(_messages_from_chat)),
+    "sharegpt": RowFormat("sharegpt", ("conversations",), _no_extras(_messages_from_sharegpt), SHAREGPT_TURNS),
     "alpaca": RowFormat("alpaca", ("instruction", "output"), _no_extras(_messages_from_alpaca)),
     "preference": RowFormat("preference", ("chosen", "rejected"), _pair_from_preference),
     "unpaired": RowFormat("unpaired", ("label",), _unpaired_from_feedback),
+    "prompt_completion": RowFormat("prompt_completion", ("completion",), _no_extras(_messages_from_prompt_completion)),
+    "verifiable": RowFormat("verifiable", ("answer",), _task_from_verifiable),
 }
-EXTRA_FIELDS = ("rejected", "label")  # the row fields besides id and messages that formats may add
+EXTRA_FIELDS = ("rejected", "label", "answer", "score")  # the row fields besides id and messages
 
 
 def _internal_row(obj: dict, where: Where) -> tuple[list[Message], dict]:
-    """A row of a dataset artifact: chat messages plus the extras preference/feedback formats add."""
+    """A row of a dataset artifact: chat messages plus the extras the formats (or a judge) add."""
     extras = {}
-    if "rejected" in obj:
-        extras["rejected"] = _typed(obj["rejected"], str, where, "rejected")
+    for key in ("rejected", "answer"):
+        if key in obj:
+            extras[key] = _typed(obj[key], str, where, key)
     if "label" in obj:
         if not isinstance(obj["label"], bool):
             raise where.error(f"expected true or false, got {_show(obj['label'])}", "label")
         extras["label"] = obj["label"]
+    if "score" in obj:
+        if isinstance(obj["score"], bool) or not isinstance(obj["score"], (int, float)):
+            raise where.error(f"expected a number, got {json_type(obj['score'])} {_show(obj['score'])}", "score")
+        extras["score"] = obj["score"]
     return _messages_from_chat(obj, where), extras
 
 
@@ -225,28 +281,34 @@ def detect_format(obj: dict, where: Where) -> RowFormat:
 # --------------------------------------------------------------------------- validation
 
 
-def check_role_order(messages: list[Message], where: Where) -> None:
-    """Optional system first, then user/assistant alternating from user, ending with a non-empty assistant."""
+def check_role_order(messages: list[Message], where: Where, turns: TurnFields = CHAT_TURNS) -> None:
+    """Optional system first, then user/assistant alternating from user, ending with a non-empty assistant.
+
+    ``turns`` names the fields in the format the row was read from (``conversations[2].from``...).
+    """
     turns_start = 1 if messages and messages[0]["role"] == "system" else 0
     for index, message in enumerate(messages[turns_start:], start=turns_start):
         expected = "user" if (index - turns_start) % 2 == 0 else "assistant"
         if message["role"] == "system":
-            raise where.error("a 'system' message is only allowed first", f"messages[{index}].role")
+            raise where.error(f"a {turns.role('system')!r} message is only allowed first",
+                              turns.path(index, turns.role_key))
         if message["role"] != expected:
             raise where.error(
-                f"expected {expected!r} (turns alternate user/assistant, starting with user), "
-                f"got {message['role']!r}",
-                f"messages[{index}].role",
+                f"expected {turns.role(expected)!r} (turns alternate {turns.role('user')}/{turns.role('assistant')}, "
+                f"starting with {turns.role('user')}), got {turns.role(message['role'])!r}",
+                turns.path(index, turns.role_key),
             )
     if len(messages) == turns_start:
-        raise where.error("has no user/assistant turns; a row needs a user message and an assistant reply", "messages")
+        raise where.error(f"has no {turns.role('user')}/{turns.role('assistant')} turns; add a "
+                          f"{turns.role('user')!r} turn followed by the {turns.role('assistant')!r} reply",
+                          turns.list_key)
     last = len(messages) - 1
     if messages[last]["role"] != "assistant":
-        raise where.error("the last message must be the assistant's reply, got 'user'; add the reference answer",
-                          f"messages[{last}].role")
+        raise where.error(f"the last message must be the {turns.role('assistant')}'s reply, got "
+                          f"{turns.role('user')!r}; add the reference answer", turns.path(last, turns.role_key))
     if not messages[last]["content"].strip():
-        raise where.error("the final assistant message is empty; give the reference answer or drop the row",
-                          f"messages[{last}].content")
+        raise where.error(f"the final {turns.role('assistant')} message is empty; give the reference answer "
+                          "or drop the row", turns.path(last, turns.content_key))
 
 
 def derived_id(messages: list[Message], extras: dict | None = None) -> str:
@@ -265,92 +327,70 @@ def _row_id(obj: dict, messages: list[Message], where: Where, extras: dict | Non
 
 
 class _DuplicateCheck:
-    """Remembers the line of every id seen so far and rejects a second occurrence."""
+    """Remembers where every id was seen and rejects a second occurrence."""
 
     def __init__(self) -> None:
-        self.first_line: dict[str, int] = {}
+        self.first_seen: dict[str, str] = {}
 
     def add(self, row_id: str, explicit: bool, where: Where) -> None:
-        if row_id in self.first_line:
-            earlier = self.first_line[row_id]
+        if row_id in self.first_seen:
+            earlier = self.first_seen[row_id]
             if explicit:
-                raise where.error(f"duplicate id {row_id!r} (also on line {earlier}); remove the duplicate "
+                raise where.error(f"duplicate id {row_id!r} (also on {earlier}); remove the duplicate "
                                   "or give it another id", "id")
-            raise where.error(f"row repeats line {earlier} (same messages, derived id {row_id!r}); "
+            raise where.error(f"row repeats {earlier} (same messages, derived id {row_id!r}); "
                               "remove the duplicate", "messages")
-        self.first_line[row_id] = where.line
+        self.first_seen[row_id] = where.label
 
 
 # --------------------------------------------------------------------------- reading files
 
 
-def _read_text(path: Path, name: str) -> str:
-    """The file's text; a missing file or non-UTF-8 bytes are :class:`DataError`."""
-    if path.is_dir():
-        raise DataError(f"{name}: is a directory, expected a .jsonl file")
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{name}: file not found (looked at {path}); check the path") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise DataError(f"{name}:{line}: not UTF-8 at byte {exc.start}: re-encode the file as UTF-8") from None
-    return text.removeprefix("\ufeff")
-
-
-def _json_lines(text: str, name: str) -> Iterator[tuple[Where, dict]]:
-    """(location, object) for each non-blank line; bad JSON or a non-object line is a DataError.
-
-    Lines split on ``"\\n"`` only (JSON strings may hold U+2028 and friends verbatim).
-    """
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = Where(name, number)
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise where.error(f"line is not valid JSON: {exc.msg} at column {exc.colno}; "
-                              "each line must hold one JSON object") from None
-        if not isinstance(obj, dict):
-            raise where.error(f"line is {_json_type(obj)}, expected a JSON object")
-        yield where, obj
-
-
-def parse_rows(text: str, name: str, format: str | RowFormat = "auto") -> list[Row]:
-    """Rows in the internal schema from JSONL ``text``; ``name`` is the file named in errors."""
+def _resolve_format(format: str | RowFormat, name: str) -> RowFormat | None:
+    """The format to read with; None means detect it from the first record."""
     if isinstance(format, RowFormat):
-        row_format = format
-    elif format == "auto":
-        row_format = None
-    elif format in FORMATS:
-        row_format = FORMATS[format]
-    else:
-        raise DataError(f"{name}: unknown format {format!r}; expected auto, {', '.join(FORMATS)}")
+        return format
+    if format == "auto":
+        return None
+    if format in FORMATS:
+        return FORMATS[format]
+    raise DataError(f"{name}: unknown format {format!r}; expected auto, {', '.join(FORMATS)}")
+
+
+def rows_from_records(records: Iterable[tuple[Where, dict]], name: str, format: str | RowFormat = "auto") -> list[Row]:
+    """Rows in the internal schema from parsed records; ``name`` is the file named in errors."""
+    row_format = _resolve_format(format, name)
     duplicates = _DuplicateCheck()
     rows = []
-    for where, obj in _json_lines(text, name):
+    for where, obj in records:
         if row_format is None:
             row_format = detect_format(obj, where)
         messages, extras = row_format.to_row(obj, where)
-        check_role_order(messages, where)
+        check_role_order(messages, where, row_format.turns)
         row_id = _row_id(obj, messages, where, extras)
         duplicates.add(row_id, "id" in obj, where)
         rows.append({"id": row_id, "messages": messages, **extras})
     if not rows:
-        raise DataError(f"{name}: file has no rows; expected one JSON object per line")
+        kind = file_kind(Path(name))
+        expected = {"json": "a JSON list of objects", "parquet": "a table with one row per example"}.get(
+            kind, "one JSON object per line")
+        raise DataError(f"{name}: file has no rows; expected {expected}")
     return rows
 
 
+def parse_rows(text: str, name: str, format: str | RowFormat = "auto") -> list[Row]:
+    """Rows in the internal schema from JSONL ``text``; ``name`` is the file named in errors."""
+    return rows_from_records(jsonl_records(text, name), name, format)
+
+
 def read_conversations(path: str | Path, format: str | RowFormat = "auto", name: str | None = None) -> list[Row]:
-    """Read and validate a JSONL file in ``format`` (``auto`` or a key of :data:`FORMATS`).
+    """Read and validate a JSONL, JSON (a list) or Parquet file in ``format`` (``auto`` or a key of
+    :data:`FORMATS`); the file type follows the suffix (:func:`tunegraph.data.sources.file_kind`).
 
     ``name`` is how errors refer to the file (default: ``path`` as given).
     """
     display = str(path) if name is None else name
-    return parse_rows(_read_text(Path(path), display), display, format)
+    return rows_from_records(read_records(Path(path), display), display, format)
 
 
 # --------------------------------------------------------------------------- internal format
