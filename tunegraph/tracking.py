@@ -17,6 +17,20 @@ from tunegraph.context import StepLogger
 SECRET_KEY = re.compile(r"(_key$|^key$|token|secret|password|api_key)", re.IGNORECASE)
 REDACTED = "***"
 _PARAM_BATCH, _METRIC_BATCH, _MAX_PARAM_CHARS = 100, 1000, 6000
+# Files of an artifact worth seeing in the MLflow UI (data cards, plots, reports, model cards), at its top
+# level and under this size; weights and datasets stay in DVC.
+REPORT_SUFFIXES = (".md", ".png", ".svg", ".html")
+REPORT_NAMES = ("scores.json", "data_card.json", "contamination.jsonl", "removed.jsonl", "Modelfile")
+_MAX_REPORT_BYTES = 5 * 2**20
+
+
+def report_files(artifact: Path) -> list[Path]:
+    """The small human-readable files of an artifact directory, sorted."""
+    if not artifact.is_dir():
+        return []
+    return sorted(p for p in artifact.iterdir()
+                  if p.is_file() and (p.suffix in REPORT_SUFFIXES or p.name in REPORT_NAMES)
+                  and p.stat().st_size <= _MAX_REPORT_BYTES)
 
 
 def tracking_uri(workspace: Path, configured: str | None) -> str:
@@ -133,6 +147,9 @@ class Tracker:
             self.client.log_batch(run_id, tags=[RunTag("tunegraph.status", outcome.status),
                                                 RunTag("tunegraph.content_hash", outcome.content_hash),
                                                 RunTag("tunegraph.artifact", str(outcome.path))])
+            if outcome.status == "ran":
+                for path in report_files(Path(outcome.path)):
+                    self.client.log_artifact(run_id, str(path))
         if error:
             self.client.set_tag(run_id, "tunegraph.error", error[:5000])
         self.client.set_terminated(run_id, status=status)
