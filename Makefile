@@ -30,7 +30,7 @@ run: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/tunegraph run recipes/quickstart.yaml
 
 test: install
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q --durations=15
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q -n 2 --dist loadfile --durations=15
 
 test-fast: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q -m "not slow"

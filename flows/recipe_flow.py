@@ -13,9 +13,10 @@ from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from tunegraph.errors import StageError, TunegraphError
+from tunegraph.flows.accelerator import ensure_accelerator_limit, stage_tags
+from tunegraph.flows.task_runners import LOCAL_DASK, make_task_runner
 from tunegraph.lineage import is_cached, plan_stage, read_manifest
 from tunegraph.recipe import Recipe, load_recipe
 from tunegraph.runner import StageOutcome, cached_outcome, read_metrics
@@ -50,7 +51,7 @@ def run_stage(recipe_path: str, workspace: str, name: str, parent_run_id: str | 
         return _as_dict(outcome)
     started = time.monotonic()
     run_stage_process(stage_command(Path(recipe_path), ws, name, force=force, parent_run_id=parent_run_id,
-                                    runner="prefect"), name)
+                                    runner="prefect", processes=recipe.stages[name].spec.processes), name)
     manifest = read_manifest(plan.out_dir)
     if manifest is None:
         raise StageError(f"stage {name!r} finished but left no artifact at {plan.out_dir}")
@@ -95,10 +96,10 @@ def recipe_flow(recipe_path: str, workspace: str = ".", only: list[str] | None =
     futures = {}
     for name in selected:
         spec = recipe.stages[name].spec
-        waits = [futures[p] for p in spec.inputs.values() if p in futures]
+        waits = [futures[p] for p in spec.upstream_stages() if p in futures]
         stage_task = run_stage.with_options(name=f"stage:{name}", retries=spec.retries,
                                             retry_delay_seconds=spec.retry_delay_s,
-                                            tags=[f"tunegraph:{recipe.stages[name].kind.name}"])
+                                            tags=stage_tags(recipe.stages[name]))
         futures[name] = stage_task.submit(str(recipe.path), str(ws), name, parent, force, wait_for=waits)
 
     results, first_error = [], None
@@ -126,7 +127,12 @@ def _descendants_of_failed(recipe: Recipe, results: list[dict]) -> set[str]:
 
 
 def run_recipe(recipe_path: str, workspace: str = ".", only: list[str] | None = None, from_stage: str | None = None,
-               force: bool = False, parallel: int = 1) -> list[dict]:
-    """Entry point used by the CLI: the flow with a thread pool of ``parallel`` concurrent stages."""
-    runner = ThreadPoolTaskRunner(max_workers=max(1, parallel))
+               force: bool = False, parallel: int = 1, dask: str | None = None,
+               accelerator_slots: int | None = None) -> list[dict]:
+    """Entry point used by the CLI: the flow with ``parallel`` concurrent stages, in threads or on Dask
+    (see :mod:`tunegraph.flows.task_runners`), at most ``accelerator_slots`` of them on the accelerator."""
+    ensure_accelerator_limit(accelerator_slots)
+    runner = make_task_runner(parallel, dask)
+    if dask not in (None, LOCAL_DASK):  # a remote worker's working directory is not this one
+        recipe_path, workspace = str(Path(recipe_path).resolve()), str(Path(workspace).resolve())
     return recipe_flow.with_options(task_runner=runner)(recipe_path, workspace, only, from_stage, force)

@@ -61,6 +61,14 @@ def test_run_caches_and_reruns_exactly_the_changed_stages(tmp_path):
     history = MlflowClient(tracking_uri=f"sqlite:///{ws / '.tunegraph' / 'mlflow.db'}").get_metric_history(
         sft.info.run_id, "loss")
     assert [m.step for m in history] == [0, 1]  # per-step metrics
+    client = MlflowClient(tracking_uri=f"sqlite:///{ws / '.tunegraph' / 'mlflow.db'}")
+    logged = {a.path for a in client.list_artifacts(children["eval_sft"].info.run_id)}
+    assert "scores.json" in logged  # the report files of an artifact reach the MLflow UI
+
+    # `tunegraph compare` puts the last two flow runs side by side, naming the param that changed
+    compared = run_cli(["compare", "recipe.yaml"], cwd=ws).stdout
+    assert "params that differ" in compared and "params.learning_rate" in compared
+    assert "0.001" in compared and "0.002" in compared and "train_loss" in compared
 
 
 @pytest.mark.slow
