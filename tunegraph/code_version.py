@@ -13,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from tunegraph.hashing import hash_bytes, hash_json
+from tunegraph.pyparse import parse
 
 _ROOT = "tunegraph"
 
@@ -28,7 +29,7 @@ def _module_file(name: str) -> Path | None:
 
 
 def _imported_names(path: Path, module: str) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    tree = parse(path.read_text(encoding="utf-8"), str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     names = set()
     for node in ast.walk(tree):

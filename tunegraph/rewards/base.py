@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from tunegraph.errors import DataError, StageError, TunegraphError
+from tunegraph.pyparse import parse
 from tunegraph.suggest import did_you_mean
 
 RewardFn = Callable[[str, dict], float]
@@ -144,7 +145,7 @@ def parse_reward_spec(spec: str) -> tuple[str, dict[str, Any]]:
     if not text.endswith(")"):
         raise StageError(f"reward {spec!r}: settings must end with ')', like numeric_match(rel_tol=0.01)")
     try:
-        call = ast.parse(f"f({rest}", mode="eval").body
+        call = parse(f"f({rest}", mode="eval").body
     except SyntaxError as error:
         raise StageError(f"reward {spec!r}: cannot parse the settings: {error.msg}") from None
     if not isinstance(call, ast.Call) or call.args or any(k.arg is None for k in call.keywords):
