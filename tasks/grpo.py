@@ -16,6 +16,7 @@ from pydantic import Field
 from tunegraph.chat_data import read_rows
 from tunegraph.context import StageContext
 from tunegraph.registry import InputSlot, StageResult, stage
+from tunegraph.training.fused_head import check_fused_head
 from tunegraph.training.grpo import PolicySettings, RolloutSettings, make_grpo_step, make_reference
 from tunegraph.training.params import TrainingParams
 from tunegraph.training.session import load_trainable, save_trained, train_and_summarize
@@ -51,11 +52,14 @@ def train_rl(params: GRPOParams, inputs: dict[str, Path], out: Path, ctx: StageC
 
     rewards = [(resolve_reward(spec), weight) for spec, weight in params.rewards.items()]
     model, tokenizer = load_trainable(inputs["model"], params, ctx)
+    if params.kernels:
+        check_fused_head(model, ctx.stage, softcap_supported=False)
     rows = read_rows(inputs["dataset"])
     rollout = RolloutSettings(params.group_size, params.max_new_tokens, params.temperature, params.top_p)
     policy = PolicySettings(params.beta, params.eps_low, params.eps_high, params.aggregation, params.scale_advantages,
                             params.dynamic_sampling, params.overlong_cache)
-    step = make_grpo_step(rows, tokenizer, rewards, rollout, policy, make_reference(model, params.beta))
+    step = make_grpo_step(rows, tokenizer, rewards, rollout, policy, make_reference(model, params.beta),
+                          fused=params.kernels)
     result = train_and_summarize(model, len(rows), step, params, ctx)
     save_trained(model, tokenizer, params, out)
     # completions a reward function failed on (scored 0) or scored outside [0, 1]: counted, not fatal

@@ -13,6 +13,7 @@ from pydantic import Field
 from tunegraph.chat_data import read_rows
 from tunegraph.context import StageContext
 from tunegraph.registry import InputSlot, StageResult, stage
+from tunegraph.training.fused_head import check_fused_head
 from tunegraph.training.objectives import get_objective
 from tunegraph.training.params import TrainingParams
 from tunegraph.training.preference import encode_preference_rows, make_preference_step, reference_logps
@@ -64,14 +65,17 @@ def train_preference(name: str, params: TrainingParams, inputs: dict[str, Path],
                      ctx: StageContext) -> StageResult:
     objective = get_objective(name)
     model, tokenizer = load_trainable(inputs["model"], params, ctx)
+    if params.kernels:
+        check_fused_head(model, ctx.stage, softcap_supported=False)
     data = encode_preference_rows(tokenizer, read_rows(inputs["dataset"]), objective, params.max_length, ctx)
     check_encoded(data.first + data.second, params, ctx, what="sequences")
     reference = None
     if objective.needs_reference:
         ctx.info("computing reference log-probs with the initial policy")
-        reference = (reference_logps(model, data.first, tokenizer.pad_token_id, objective.average_logps),
-                     reference_logps(model, data.second, tokenizer.pad_token_id, objective.average_logps))
-    step = make_preference_step(objective, data, objective_hyperparameters(params), tokenizer.pad_token_id, reference)
+        reference = tuple(reference_logps(model, examples, tokenizer.pad_token_id, objective.average_logps,
+                                          fused=params.kernels) for examples in (data.first, data.second))
+    step = make_preference_step(objective, data, objective_hyperparameters(params), tokenizer.pad_token_id, reference,
+                                fused=params.kernels)
     result = train_and_summarize(model, len(data.first), step, params, ctx)
     save_trained(model, tokenizer, params, out)
     return result

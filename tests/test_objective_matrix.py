@@ -15,14 +15,18 @@ from tunegraph.errors import StageError
 from tunegraph.registry import all_kinds
 
 OBJECTIVES = {"sft": "train", "dpo": "pairs", "ipo": "pairs", "simpo": "pairs", "cpo": "pairs", "orpo": "pairs",
-              "kto": "unpaired", "grpo": "train", "dapo": "train"}
+              "kto": "unpaired", "grpo": "train", "dapo": "train", "reward_model": "pairs", "ppo": "train"}
 # RL objectives sample completions; a reward that varies on a random tiny model keeps advantages non-zero
 RL_SETTINGS = {"rewards": {"toy_rewards:length_parity": 1.0}, "group_size": 4, "max_new_tokens": 6, "batch_size": 2}
+# PPO scores with a reward model (the fixture below) and whitens advantages, so any reward varies them
+PPO_SETTINGS = {"max_new_tokens": 6, "ppo_epochs": 2, "num_minibatches": 2}
 STRATEGIES = ("full", "lora", "qlora", "dora", "galore", "spectrum", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning")
 ADAPTER = {"lora", "qlora", "dora", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning"}
-# Every strategy runs with SFT and DPO (a reference-model objective); the other objectives with
-# full and LoRA, which covers their code paths: the whole matrix (70 runs) is ~5 min on 2 cores.
-CASES = sorted({(o, s) for o in ("sft", "dpo") for s in STRATEGIES} | {(o, s) for o in OBJECTIVES for s in ("full", "lora")})
+# Every strategy runs with SFT, DPO (a reference-model objective) and the reward model (another head:
+# a scalar score instead of the LM head); the other objectives with full and LoRA, which covers their
+# code paths (46 runs; the whole matrix would be 110).
+CASES = sorted({(o, s) for o in ("sft", "dpo", "reward_model") for s in STRATEGIES}
+               | {(o, s) for o in OBJECTIVES for s in ("full", "lora")})
 
 
 def expected_changes(strategy: str, before: dict, out) -> set[str]:
@@ -44,19 +48,36 @@ def changed_tensors(before: dict, after: dict) -> set[str]:
     return {name for name in before if not torch.equal(before[name], after[name])}
 
 
+@pytest.fixture(scope="module")
+def reward_model_dir(tiny_artifacts, tmp_path_factory):
+    """The reward model PPO rows score with: one LoRA step of the reward_model stage."""
+    out = tmp_path_factory.mktemp("reward_model")
+    kind = all_kinds()["reward_model"]
+    kind.fn(kind.params_model(max_steps=1, batch_size=4, max_length=128),
+            {"model": tiny_artifacts / "model", "dataset": tiny_artifacts / "pairs"}, out, stage_ctx(out, "rm"))
+    return out
+
+
 @pytest.mark.parametrize("objective,strategy", CASES)
-def test_objective_trains_under_strategy(tiny_artifacts, tmp_path, objective, strategy):
+def test_objective_trains_under_strategy(tiny_artifacts, request, tmp_path, objective, strategy):
     kind = all_kinds()[objective]
-    settings = {"batch_size": 4, **(RL_SETTINGS if objective in ("grpo", "dapo") else {})}
+    settings = {"batch_size": 4, **(RL_SETTINGS if objective in ("grpo", "dapo") else {}),
+                **(PPO_SETTINGS if objective == "ppo" else {})}
     params = kind.params_model(strategy=strategy, max_steps=2, learning_rate=1e-3, max_length=128, **settings)
     inputs = {"model": tiny_artifacts / "model", "dataset": tiny_artifacts / OBJECTIVES[objective]}
+    if objective == "ppo":
+        inputs["reward_model"] = request.getfixturevalue("reward_model_dir")
     result = kind.fn(params, inputs, tmp_path, stage_ctx(tmp_path, objective))
     assert result.metrics["steps"] == 2
     assert math.isfinite(result.metrics["train_loss"]) and math.isfinite(result.metrics["first_loss"])
 
     before = load_file(tiny_artifacts / "model" / "model.safetensors")
-    changed = changed_tensors(before, load_file(tmp_path / "model.safetensors"))
-    expected = expected_changes(strategy, before, tmp_path)
+    after = load_file(tmp_path / "model.safetensors")
+    if objective == "reward_model":  # the LM head gives way to a new scalar score head, trained under every strategy
+        assert set(after) - set(before) == {"score.weight"}
+        after = {name: tensor for name, tensor in after.items() if name in before}
+    changed = changed_tensors(before, after)
+    expected = expected_changes(strategy, before, tmp_path) - {"score.weight"}  # spectrum.json names it too
     assert changed == expected
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file() == (strategy in ADAPTER)
 

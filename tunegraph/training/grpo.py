@@ -5,6 +5,8 @@ rewards (a weighted sum of reward functions), group-relative advantages, then on
 gradient step on the completion tokens (losses in :mod:`tunegraph.training.objectives.grpo`).
 The reference policy for the KL term is the base model with the LoRA adapter switched off
 (no second copy); under full fine-tuning a frozen copy is kept, only when ``beta > 0``.
+With ``kernels: true`` the policy loss and the reference log-probs come from the LM head's input without
+materializing the logits (:func:`fused_policy_loss`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from tunegraph.training import fused_head
 from tunegraph.training.chat_encoding import IGNORE_INDEX, prompt_ids
 from tunegraph.training.loop import StepOutput
 from tunegraph.training.objectives.grpo import (clipped_policy_loss, group_advantages, informative_groups,
@@ -51,6 +54,7 @@ class Rollout:
     labels: torch.Tensor  # completion tokens (up to and including EOS), -100 elsewhere
     texts: list[str]
     lengths: torch.Tensor  # completion tokens per sample
+    prompt_width: int = 0  # columns of (left-padded) prompt before the completion starts
 
 
 @torch.no_grad()
@@ -78,15 +82,43 @@ def sample_groups(model, tokenizer, conversations: list[list[dict]], settings: R
     labels = torch.full_like(output, IGNORE_INDEX)
     labels[:, width:] = completion.masked_fill(after_eos, IGNORE_INDEX)
     texts = tokenizer.batch_decode(completion.masked_fill(after_eos, pad), skip_special_tokens=True)
-    return Rollout(output, torch.cat([mask, completion_mask], dim=1), labels, texts, completion_mask.sum(-1))
+    return Rollout(output, torch.cat([mask, completion_mask], dim=1), labels, texts, completion_mask.sum(-1), width)
+
+
+def _position_ids(rollout: Rollout) -> torch.Tensor:
+    # skip the left padding, as generation saw the prompt
+    return (rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def completion_logps(model, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the completion tokens [B, T-1] and their mask, with position ids that
     skip the left padding (as generation saw them)."""
-    positions = (rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    positions = _position_ids(rollout)
     logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask, position_ids=positions).logits
     return token_logps(logits, rollout.labels)
+
+
+def fused_policy_loss(model, rollout: Rollout, kept_rows: torch.Tensor, advantages: torch.Tensor,
+                      policy: PolicySettings, reference) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """``kernels: true``: the clipped policy loss (and the reference log-probs) from the LM head's input,
+    without the ``[B, T, V]`` logits (:mod:`tunegraph.kernels.fused_linear_policy_loss`); the same
+    ``(loss, metrics)`` as :func:`clipped_policy_loss` over :func:`completion_logps`, plus the token mask.
+    Rows of dropped groups get no labels, so they cost no logits and add nothing, as a zeroed mask does."""
+    from tunegraph.kernels.fused_linear_policy_loss import fused_linear_policy_loss
+
+    labels = rollout.labels.masked_fill(~kept_rows.unsqueeze(1), IGNORE_INDEX)
+    positions = _position_ids(rollout)
+    head = fused_head.lm_head(model)
+    hidden = fused_head.final_hidden_states(model, rollout.sequences, rollout.attention_mask, positions)
+    ref_logps = None
+    if reference is not None:  # after the policy's forward, as the logits path (same RNG draws under NEFTune)
+        ref_model, context = reference()
+        with torch.no_grad(), context:
+            ref_logps = fused_head.token_logps(ref_model, rollout.sequences, rollout.attention_mask, labels, positions)
+    loss, metrics = fused_linear_policy_loss(hidden, head.weight, labels, advantages, bias=head.bias,
+                                             ref_logps=ref_logps, eps_low=policy.eps_low, eps_high=policy.eps_high,
+                                             beta=policy.beta, aggregation=policy.aggregation)
+    return loss, metrics, labels[:, 1:] != IGNORE_INDEX
 
 
 def make_reference(model, beta: float):
@@ -100,7 +132,8 @@ def make_reference(model, beta: float):
 
 
 def make_grpo_step(rows: list[dict], tokenizer, rewards: list[tuple[RewardFn, float]], rollout_settings: RolloutSettings,
-                   policy: PolicySettings, reference) -> Callable:
+                   policy: PolicySettings, reference, fused: bool = False) -> Callable:
+    """``fused``: the policy loss from the LM head's input, without the logits (``kernels: true``)."""
     group = rollout_settings.group_size
 
     def score(texts: list[str], batch_rows: list[dict]) -> torch.Tensor:
@@ -121,16 +154,20 @@ def make_grpo_step(rows: list[dict], tokenizer, rewards: list[tuple[RewardFn, fl
         keep = torch.ones(len(indices), dtype=torch.bool)
         if policy.dynamic_sampling:
             keep = informative_groups(shaped, group)
-        logps, mask = completion_logps(model, rollout)
-        mask = mask & keep.repeat_interleave(group).unsqueeze(1)
-        ref_logps = None
-        if reference is not None:
-            ref_model, context = reference()
-            with torch.no_grad(), context:
-                ref_logps, _ = completion_logps(ref_model, rollout)
-        loss, extra = clipped_policy_loss(logps, logps.detach(), advantages, mask, eps_low=policy.eps_low,
-                                          eps_high=policy.eps_high, beta=policy.beta, ref_logps=ref_logps,
-                                          aggregation=policy.aggregation)
+        if fused:
+            loss, extra, mask = fused_policy_loss(model, rollout, keep.repeat_interleave(group), advantages, policy,
+                                                  reference)
+        else:
+            logps, mask = completion_logps(model, rollout)
+            mask = mask & keep.repeat_interleave(group).unsqueeze(1)
+            ref_logps = None
+            if reference is not None:
+                ref_model, context = reference()
+                with torch.no_grad(), context:
+                    ref_logps, _ = completion_logps(ref_model, rollout)
+            loss, extra = clipped_policy_loss(logps, logps.detach(), advantages, mask, eps_low=policy.eps_low,
+                                              eps_high=policy.eps_high, beta=policy.beta, ref_logps=ref_logps,
+                                              aggregation=policy.aggregation)
         metrics = {"reward": float(raw.mean()), "reward_std": float(raw.std()) if raw.numel() > 1 else 0.0,
                    "kept_groups": float(keep.float().mean()), "completion_tokens": float(rollout.lengths.float().mean()),
                    **{k: float(v) for k, v in extra.items()}}

@@ -25,6 +25,10 @@ class TrainingParams(StageParams):
                                    description="prefix_tuning, prompt_tuning and p_tuning virtual tokens")
     neftune_alpha: float | None = Field(None, gt=0, description="NEFTune: uniform noise alpha/sqrt(L*d) on input "
                                                                 "embeddings while training (paper: 5)")
+    kernels: bool = Field(False, description="fused kernels (llama, qwen2, gemma3): RMSNorm, RoPE and SwiGLU/GeGLU "
+                                             "patched into the model (Triton on CUDA, chunked torch on CPU), and the "
+                                             "sft, preference and grpo/dapo losses computed from the LM head's input "
+                                             "without materializing the logits")
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(8, ge=1)

@@ -6,23 +6,38 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunegraph.context import StageContext
-from tunegraph.errors import StageError
+from tunegraph.errors import StageError, TunegraphError
 from tunegraph.modelio import load_tokenizer
 from tunegraph.registry import StageResult
 from tunegraph.training.chat_encoding import IGNORE_INDEX, EncodedExample
-from tunegraph.training.loop import StepFn, train
+from tunegraph.training.loop import StepFn, TrainSummary, train
 from tunegraph.training.params import TrainingParams
 from tunegraph.training.strategies import apply_strategy, describe_strategy, load_base, neftune, save_trained_model
+from tunegraph.training.strategies.heads import Head
 
 
-def load_trainable(model_dir: Path, params: TrainingParams, ctx: StageContext):
-    """(model wrapped by the update strategy, tokenizer)."""
+def load_trainable(model_dir: Path, params: TrainingParams, ctx: StageContext, head: Head = "causal_lm"):
+    """(model wrapped by the update strategy, tokenizer); ``head="score"`` loads a reward model."""
     tokenizer = load_tokenizer(model_dir)
     settings = params.strategy_settings()
-    model = apply_strategy(load_base(model_dir, params.strategy, settings), params.strategy, settings,
+    model = apply_strategy(load_base(model_dir, params.strategy, settings, head), params.strategy, settings,
                            model_dir=model_dir)
     ctx.info(describe_strategy(model, params.strategy))
+    if params.kernels:
+        patch_kernels(model, ctx)
     return model, tokenizer
+
+
+def patch_kernels(model, ctx: StageContext) -> None:
+    """``kernels: true``: fused RMSNorm, RoPE and SwiGLU/GeGLU forwards on the (strategy-wrapped) model, see
+    :mod:`tunegraph.kernels.patching`. The fused LM-head losses are the stage's step function's part."""
+    from tunegraph.kernels.patching import apply_kernels  # imports triton: only when asked for
+
+    try:
+        patched = apply_kernels(model)
+    except TunegraphError as error:
+        raise StageError(f"stage {ctx.stage!r}: {error}") from None
+    ctx.info(f"kernels: {'; '.join(patched) or 'nothing to patch'}")
 
 
 def check_encoded(examples: list[EncodedExample], params: TrainingParams, ctx: StageContext,
@@ -43,6 +58,11 @@ def train_and_summarize(model, n_examples: int, step: StepFn, params: TrainingPa
                         ctx: StageContext) -> StageResult:
     with neftune(model, params.neftune_alpha):  # the noise hook exists only while training
         summary = train(model, n_examples, step, params.loop_settings(), ctx, make_optimizer=params.make_optimizer())
+    return summary_result(summary, n_examples)
+
+
+def summary_result(summary: TrainSummary, n_examples: int) -> StageResult:
+    """A training stage's metrics (loss, steps, tokens, the objective's own) and timings."""
     metrics = {"train_loss": summary.final_loss, "first_loss": summary.first_loss, "steps": summary.steps,
                "examples": n_examples, "tokens": summary.tokens, **summary.final_metrics}
     return StageResult(metrics=metrics, timings={"train_seconds": summary.seconds,

@@ -19,6 +19,9 @@ strategy           trains                                         model artifact
 Prompt-style adapters live in the attention cache or the input sequence, not in any weight, so no
 merge exists; ``from_pretrained`` on the artifact loads the base alone (correct weights, but without
 the learned prompt). :func:`load_with_adapter` is the loader that honours ``requires_adapter.json``.
+
+Every strategy applies to a reward model too (``load_base(..., head="score")``, see :mod:`.heads`): the
+new scalar score head always trains in full (peft ``modules_to_save``; unfrozen under spectrum).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Literal, get_args
 import torch
 
 from tunegraph.training.strategies.galore import GaloreSettings, build_galore_optimizer
+from tunegraph.training.strategies.heads import SCORE_MODULE, Head, head_of, load_float, peft_task_type
 from tunegraph.training.strategies.neftune import neftune
 from tunegraph.training.strategies.peft_methods import (PROMPT_STYLE, IA3Settings, LoraSettings, PromptSettings,
                                                         QLoraSettings, align_prompt_logits, load_4bit, merge_qlora,
@@ -80,13 +84,13 @@ def _settings(settings: LoraSettings | StrategySettings | None) -> StrategySetti
     return settings or StrategySettings()
 
 
-def load_base(model_dir: Path, strategy: Strategy, settings: StrategySettings | None = None):
-    """The base model as the strategy trains it: 4-bit for qlora, float32 otherwise."""
+def load_base(model_dir: Path, strategy: Strategy, settings: StrategySettings | None = None,
+              head: Head = "causal_lm"):
+    """The base model as the strategy trains it: 4-bit for qlora, float32 otherwise; with the LM head,
+    or with a scalar score head for reward models (:mod:`.heads`)."""
     if strategy == "qlora":
-        return load_4bit(Path(model_dir), _settings(settings).qlora)
-    from tunegraph.modelio import load_model
-
-    return load_model(Path(model_dir))
+        return load_4bit(Path(model_dir), _settings(settings).qlora, head)
+    return load_float(Path(model_dir), head)
 
 
 def apply_strategy(model, strategy: Strategy, settings: LoraSettings | StrategySettings | None = None, *,
@@ -99,10 +103,12 @@ def apply_strategy(model, strategy: Strategy, settings: LoraSettings | StrategyS
     """
     settings = _settings(settings)
     spectrum = None
+    head = head_of(model)
     if strategy in ("full", "galore"):
         model.requires_grad_(True)
     elif strategy == "spectrum":
-        spectrum = apply_spectrum(model, settings.spectrum)
+        # a reward model's score head is new: it trains whatever the layers' signal-to-noise ratios say
+        spectrum = apply_spectrum(model, settings.spectrum, also_train=(SCORE_MODULE,) if head == "score" else ())
     elif strategy in PEFT_STRATEGIES:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -111,9 +117,10 @@ def apply_strategy(model, strategy: Strategy, settings: LoraSettings | StrategyS
                 if model_dir is None:
                     raise ValueError("qlora needs a 4-bit base: pass model_dir, or a model from "
                                      "load_base(..., 'qlora')")
-                model = load_4bit(Path(model_dir), settings.qlora)
+                model = load_4bit(Path(model_dir), settings.qlora, head)
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        config = peft_config(strategy, settings.lora, settings.ia3, settings.prompt, model.config.hidden_size)
+        config = peft_config(strategy, settings.lora, settings.ia3, settings.prompt, model.config.hidden_size,
+                             task_type=peft_task_type(head))
         model = get_peft_model(model, config)
         align_prompt_logits(model)
     else:
@@ -160,7 +167,20 @@ def export_trained(model, strategy: Strategy):
             raise ValueError("qlora export needs the base model directory: apply_strategy(..., model_dir=...)")
         return merge_qlora(model, applied.model_dir, applied.settings.qlora)
     if strategy in PROMPT_STYLE:
-        return model.get_base_model()
+        return _unwrap_modules_to_save(model.get_base_model())
+    return model
+
+
+def _unwrap_modules_to_save(model):
+    """Replace peft's ``ModulesToSaveWrapper`` (a reward model's score head under prompt-style adapters)
+    by its trained copy, so the saved weights hold the trained head under its plain name."""
+    from peft.utils import ModulesToSaveWrapper
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    module.modules_to_save[module.active_adapter])
     return model
 
 
@@ -195,13 +215,11 @@ def save_trained_model(model, tokenizer, strategy: Strategy, out: Path) -> None:
     save_model(export_trained(model, strategy), tokenizer, out)
 
 
-def load_with_adapter(model_dir: Path):
+def load_with_adapter(model_dir: Path, head: Head = "causal_lm"):
     """Load a model artifact for inference, applying its adapter when ``requires_adapter.json`` says the
     weights alone are not the trained model (prompt-style strategies)."""
-    from tunegraph.modelio import load_model
-
     model_dir = Path(model_dir)
-    model = load_model(model_dir)
+    model = load_float(model_dir, head)
     note = model_dir / REQUIRES_ADAPTER_FILE
     if not note.is_file():
         return model

@@ -26,6 +26,7 @@ import torch
 from pydantic import Field
 
 from tunegraph.params import StageParams
+from tunegraph.training.strategies.heads import Head, auto_class, head_kwargs, head_of, load_float
 
 PROMPT_STYLE = ("prefix_tuning", "prompt_tuning", "p_tuning")
 
@@ -64,27 +65,30 @@ class PromptSettings(StageParams):
     prefix_projection: bool = Field(False, description="prefix_tuning: reparameterize through an MLP")
 
 
-def peft_config(strategy: str, lora: LoraSettings, ia3: IA3Settings, prompt: PromptSettings, hidden_size: int):
+def peft_config(strategy: str, lora: LoraSettings, ia3: IA3Settings, prompt: PromptSettings, hidden_size: int,
+                task_type: str = "CAUSAL_LM"):
+    """The peft config of ``strategy``; ``task_type="SEQ_CLS"`` (reward models) makes peft train the
+    ``score`` head in full (``modules_to_save``) and keeps it out of LoRA's ``all-linear`` targets."""
     import peft
 
     if strategy in ("lora", "dora", "qlora"):
         return peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                               target_modules=lora.target_modules, use_dora=strategy == "dora", task_type="CAUSAL_LM")
+                               target_modules=lora.target_modules, use_dora=strategy == "dora", task_type=task_type)
     if strategy == "ia3":
         return peft.IA3Config(target_modules=ia3.target_modules, feedforward_modules=ia3.feedforward_modules,
-                              task_type="CAUSAL_LM")
+                              task_type=task_type)
     width = prompt.encoder_hidden_size or hidden_size
     if strategy == "prefix_tuning":
         return peft.PrefixTuningConfig(num_virtual_tokens=prompt.num_virtual_tokens, encoder_hidden_size=width,
-                                       prefix_projection=prompt.prefix_projection, task_type="CAUSAL_LM")
+                                       prefix_projection=prompt.prefix_projection, task_type=task_type)
     if strategy == "prompt_tuning":
         init = peft.PromptTuningInit.SAMPLE_VOCAB if prompt.prompt_init == "sample_vocab" else \
             peft.PromptTuningInit.RANDOM
         return peft.PromptTuningConfig(num_virtual_tokens=prompt.num_virtual_tokens, prompt_tuning_init=init,
-                                       task_type="CAUSAL_LM")
+                                       task_type=task_type)
     if strategy == "p_tuning":
         return peft.PromptEncoderConfig(num_virtual_tokens=prompt.num_virtual_tokens, encoder_hidden_size=width,
-                                        encoder_reparameterization_type=prompt.encoder_type, task_type="CAUSAL_LM")
+                                        encoder_reparameterization_type=prompt.encoder_type, task_type=task_type)
     raise ValueError(f"{strategy!r} is not a peft strategy")
 
 
@@ -108,17 +112,30 @@ def align_prompt_logits(peft_model) -> None:
 
 # --- QLoRA -----------------------------------------------------------------------------------------
 
-def load_4bit(model_dir: Path, settings: QLoraSettings):
-    """The base with every eligible Linear in bitsandbytes 4-bit (LM head and embeddings stay float32)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def load_4bit(model_dir: Path, settings: QLoraSettings, head: Head = "causal_lm"):
+    """The base with every eligible Linear in bitsandbytes 4-bit (LM/score head and embeddings stay float32)."""
+    from transformers import BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=settings.quant_type,
                                 bnb_4bit_use_double_quant=settings.double_quant, bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, dtype=torch.float32,
-                                                 device_map={"": "cpu"})
+    model = auto_class(head).from_pretrained(model_dir, quantization_config=config, dtype=torch.float32,
+                                             device_map={"": "cpu"}, **head_kwargs(model_dir, head))
     model.config._name_or_path = ""  # as modelio.load_model: no absolute paths in saved configs
     model.name_or_path = ""
+    keep_4bit_layout(model)
     return model
+
+
+def keep_4bit_layout(model) -> None:
+    """Stop bitsandbytes (0.50, CPU) from repacking 4-bit weights into its bf16-kernel layout on the first
+    eval-mode forward: after that repack ``dequantize_4bit`` no longer returns the weights the adapter was
+    trained against (off by up to 0.1), so merged exports and no-grad passes (GRPO sampling, reference
+    log-probs) would drift from the trained model."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def dequantized_weights(quantized_model) -> dict[str, torch.Tensor]:
@@ -134,12 +151,11 @@ def dequantized_weights(quantized_model) -> dict[str, torch.Tensor]:
 
 
 def merge_qlora(peft_model, model_dir: Path, settings: QLoraSettings):
-    """A float32 transformers model = base (dequantized NF4 or original weights) + (alpha/r) B A."""
+    """A float32 transformers model = base (dequantized NF4 or original weights) + (alpha/r) B A (a reward
+    model's trained score head comes back from the adapter's ``modules_to_save``)."""
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-    from tunegraph.modelio import load_model
-
-    base = load_model(model_dir)
+    base = load_float(model_dir, head_of(peft_model))
     if settings.merge_into == "dequantized":
         for name, weight in dequantized_weights(peft_model.get_base_model()).items():
             target = base.get_submodule(name).weight

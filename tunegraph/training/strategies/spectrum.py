@@ -122,8 +122,9 @@ def select_layers(model, fraction: float) -> tuple[list[str], dict[str, float]]:
     return sorted(selected), dict(sorted(scores.items()))
 
 
-def apply_spectrum(model, settings: SpectrumSettings) -> SpectrumSelection:
-    """Freeze everything, then unfreeze the selected modules (and embeddings if asked)."""
+def apply_spectrum(model, settings: SpectrumSettings, also_train: tuple[str, ...] = ()) -> SpectrumSelection:
+    """Freeze everything, then unfreeze the selected modules (and embeddings if asked, and the modules
+    named in ``also_train``, e.g. a reward model's new score head)."""
     selected, scores = select_layers(model, settings.fraction)
     if not selected:
         raise ValueError("spectrum found no linear layers inside numbered blocks to select from")
@@ -134,6 +135,8 @@ def apply_spectrum(model, settings: SpectrumSettings) -> SpectrumSelection:
         model.get_input_embeddings().requires_grad_(True)
         if model.get_output_embeddings() is not None:
             model.get_output_embeddings().requires_grad_(True)
+    for name in also_train:
+        model.get_submodule(name).requires_grad_(True)
     trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)
     return SpectrumSelection(settings.fraction, selected, scores, trainable)
 
