@@ -176,7 +176,14 @@ def cmd_stage(args: argparse.Namespace) -> int:
         raise
     tracker.finish_stage_run(run_id, outcome)
     print(f"[{args.name}] ran in {outcome.duration_s:.1f} s  -> {outcome.path}", file=sys.stderr)
+    _report_registered(args.name, tracker.register_model(run_id, recipe, plan, outcome))
     return 0
+
+
+def _report_registered(stage: str, registered) -> None:
+    if registered is not None:
+        what = "registered as" if registered.created else "already registered as"
+        print(f"[{stage}] {what} model {registered.name!r} version {registered.version}", file=sys.stderr)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -37,6 +37,10 @@ class StageSpec(_Strict):
     retries: int = Field(0, ge=0, description="Prefect retries on an unexpected failure")
     retry_delay_s: float = Field(10.0, ge=0)
     processes: int = Field(1, ge=1, description="data-parallel processes (torchrun); training stages only")
+    # ``register`` in YAML (pydantic's BaseModel has a ``register`` attribute, so the field is named apart)
+    register_as: bool | str | None = Field(
+        None, alias="register", description="MLflow model registry: true, false or a registered model name; default: "
+                          "export_gguf and quantize_bnb register as <recipe>-<stage>")
 
     def upstream_stages(self) -> tuple[str, ...]:
         """Every upstream stage this stage reads, once each, in the order the recipe lists them."""
@@ -228,6 +232,12 @@ def load_recipe(path: str | Path) -> Recipe:
         if stage_spec.processes > 1 and not _is_training(kind.params_model):
             raise locator.error(loc + ("processes",), f"stage {name!r}: processes={stage_spec.processes} needs a "
                                 f"training stage; {kind.name} runs in one process (remove processes)")
+        if stage_spec.register_as is not None:
+            from tunegraph.model_registry import check_register  # lazy: it builds on lineage, which imports this
+
+            problem = check_register(kind, stage_spec.register_as)
+            if problem:
+                raise locator.error(loc + ("register",), f"stage {name!r}: {problem}")
         if kind.check_inputs is not None:
             names = {slot: tuple(_as_list(value)) if kind.slot(slot).many else value
                      for slot, value in stage_spec.inputs.items()}

@@ -154,6 +154,14 @@ class Tracker:
             self.client.set_tag(run_id, "tunegraph.error", error[:5000])
         self.client.set_terminated(run_id, status=status)
 
+    def register_model(self, run_id: str, recipe, plan, outcome):
+        """Put a shippable stage output in the model registry (see :mod:`tunegraph.model_registry`);
+        returns the :class:`~tunegraph.model_registry.Registered` version, or None for unregistered stages."""
+        from tunegraph.model_registry import register_stage_model
+
+        return register_stage_model(self.client, run_id, recipe, plan, outcome, self.workspace,
+                                    git_commit(self.workspace))
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
