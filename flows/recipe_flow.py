@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from tunegraph.errors import StageError, TunegraphError
 from tunegraph.flows.accelerator import ensure_accelerator_limit, stage_tags
 from tunegraph.flows.task_runners import LOCAL_DASK, make_task_runner
+from tunegraph.generation_cluster import stage_environment
 from tunegraph.lineage import is_cached, plan_stage, read_manifest
 from tunegraph.recipe import Recipe, load_recipe
 from tunegraph.runner import StageOutcome, cached_outcome, read_metrics
@@ -48,10 +49,12 @@ def run_stage(recipe_path: str, workspace: str, name: str, parent_run_id: str | 
         outcome = cached_outcome(plan)
         run_id = tracker.start_stage_run(plan, parent_run_id, runner="prefect")
         tracker.finish_stage_run(run_id, outcome)
+        tracker.register_model(run_id, recipe, plan, outcome)  # a version only for a new content hash
         return _as_dict(outcome)
     started = time.monotonic()
     run_stage_process(stage_command(Path(recipe_path), ws, name, force=force, parent_run_id=parent_run_id,
-                                    runner="prefect", processes=recipe.stages[name].spec.processes), name)
+                                    runner="prefect", processes=recipe.stages[name].spec.processes), name,
+                      env=stage_environment())
     manifest = read_manifest(plan.out_dir)
     if manifest is None:
         raise StageError(f"stage {name!r} finished but left no artifact at {plan.out_dir}")

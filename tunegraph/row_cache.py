@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from tunegraph.context import StageContext
+from tunegraph.generation_cluster import answer_chunks_on_cluster, cluster_address, spec_of
 from tunegraph.hashing import hash_json
 from tunegraph.llm_backend import ChatBackend, Conversation, Sampling, request_seed
 
@@ -29,8 +30,9 @@ _MISSING = object()
 class RowCache:
     """Replies by request key, loaded from (and appended to) ``path`` when one is given."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, stage: str = ""):
         self.path = path
+        self.stage = stage  # named in errors
         self._replies: dict[str, str | None] = {}
         if path is not None and path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines():
@@ -43,7 +45,7 @@ class RowCache:
 
     @classmethod
     def for_stage(cls, ctx: StageContext, name: str = REPLIES_FILE) -> "RowCache":
-        return cls(ctx.checkpoint_dir / name if ctx.checkpoint_dir is not None else None)
+        return cls(ctx.checkpoint_dir / name if ctx.checkpoint_dir is not None else None, ctx.stage)
 
     def __contains__(self, key: str) -> bool:
         return key in self._replies
@@ -89,22 +91,33 @@ class ChatCounts:
 def cached_chat(backend: ChatBackend, cache: RowCache, requests: list[ChatRequest], sampling: Sampling, seed: int,
                 counts: ChatCounts | None = None,
                 on_progress: Callable[[int, int], None] | None = None) -> list[str | None]:
-    """One reply per request, in request order: from the cache where a whole chunk is there, else asked."""
+    """One reply per request, in request order: from the cache where a whole chunk is there, else asked
+    (on the Dask cluster named by ``TUNEGRAPH_DASK_ADDRESS`` when it is set, see
+    :mod:`tunegraph.generation_cluster`; in this process otherwise)."""
     keys = [request.key for request in requests]
     if len(set(keys)) != len(keys):
         raise ValueError("chat request keys must be unique within a stage")
     counts = counts if counts is not None else ChatCounts()
-    replies: list[str | None] = []
-    for start in range(0, len(requests), backend.batch_size):
-        chunk = requests[start:start + backend.batch_size]
-        if all(request.key in cache for request in chunk):
-            replies += [cache.get(request.key) for request in chunk]
-            counts.reused += len(chunk)
-            continue
-        answered = backend.chat([r.conversation for r in chunk], sampling, [request_seed(seed, r.key) for r in chunk])
+    chunks = [requests[start:start + backend.batch_size] for start in range(0, len(requests), backend.batch_size)]
+    missing = [chunk for chunk in chunks if not all(request.key in cache for request in chunk)]
+    counts.reused += sum(len(chunk) for chunk in chunks) - sum(len(chunk) for chunk in missing)
+    done = len(requests) - sum(len(chunk) for chunk in missing)
+
+    def record(chunk: list[ChatRequest], answered: list[str | None]) -> None:
+        nonlocal done
         cache.add_chunk({request.key: reply for request, reply in zip(chunk, answered)})
-        replies += answered
         counts.sent += len(chunk)
+        done += len(chunk)
         if on_progress is not None:
-            on_progress(len(replies), len(requests))
-    return replies
+            on_progress(done, len(requests))
+
+    jobs = [([r.conversation for r in chunk], [request_seed(seed, r.key) for r in chunk]) for chunk in missing]
+    if cluster_address() and len(missing) > 1:
+        import torch
+
+        answer_chunks_on_cluster(spec_of(backend), jobs, sampling, torch.get_num_threads(),
+                                 lambda index, answered: record(missing[index], answered), cache.stage)
+    else:
+        for chunk, (conversations, seeds) in zip(missing, jobs):
+            record(chunk, backend.chat(conversations, sampling, seeds))
+    return [cache.get(key) for key in keys]

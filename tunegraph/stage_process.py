@@ -44,11 +44,13 @@ class StageProcessFailed(RuntimeError):
     """The child crashed (not a user error): retryable."""
 
 
-def run_stage_process(command: list[str], name: str) -> None:
-    """Run ``command``, echoing its output; a user error (exit 2) becomes :class:`StageError`."""
+def run_stage_process(command: list[str], name: str, env: dict[str, str] | None = None) -> None:
+    """Run ``command`` (in ``env``, else this process's environment), echoing its output; a user error
+    (exit 2) becomes :class:`StageError`."""
     errors: list[str] = []
     tail: list[str] = []
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as child:
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                          env=env) as child:
         assert child.stdout is not None
         for line in child.stdout:
             sys.stderr.write(line)
