@@ -11,8 +11,14 @@ F16, 1 % for Q8_0, 10 % for Q4_0 and Q4_1, 5 % for Q4_K_M), when its greedy matc
 only), or when the tokenizer or chat template did not survive the round trip. Q4_K_M needs llama.cpp's
 ``llama-quantize`` on PATH (run on the F16 file); without it Q4_K_M is reported as skipped.
 
-The artifact holds the files, their Modelfiles and ``gguf_report.json`` (tensor types per file,
-answers, perplexities). It is typed ``eval``: it is not a ``from_pretrained`` directory.
+The artifact holds the files, their Modelfiles, ``gguf_report.json`` (tensor types per file, answers,
+perplexities) and the model card, ``README.md`` and ``lineage.json`` (:mod:`tunegraph.model_card`): the
+directory is what one publishes. The card is this export's: every ancestor of the source model (data
+rows and hashes, base, adapters, merge config), the files with their quantization, and the read-back
+checks above, which are the GGUF node's evaluation (the files are no ``from_pretrained`` directory, so
+the artifact is typed ``eval`` and no ``evaluate`` stage takes it). The ``evals`` input adds the scores of
+evaluate stages, e.g. of the source model and its ancestors, to the card; the card is written only
+once every check has passed.
 
 On the embedded SmolLM2-135M (quickstart eval answers, ``benchmarks/gguf_quality.py``): F16 +0.08 %,
 Q8_0 +0.75 %, Q4_0 +73 % (its float weights are a dequantized Q4_1 file, so Q4_0 re-grids every
@@ -36,11 +42,13 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from tunegraph.chat_data import read_rows
+from tunegraph.code_version import code_version
 from tunegraph.context import StageContext
 from tunegraph.errors import StageError
 from tunegraph.gguf_export import (DIRECT_TYPES, ExportedFile, check_exportable, export_gguf, read_tokenizer_metadata,
                                    write_modelfile)
 from tunegraph.gguf_verify import DEFAULT_PROMPT_ROWS, VerifySettings, source_baseline, verify_gguf
+from tunegraph.model_card import running_node, write_model_card
 from tunegraph.modelio import load_model, load_tokenizer
 from tunegraph.params import StageParams
 from tunegraph.registry import InputSlot, StageResult, stage
@@ -82,6 +90,8 @@ class ExportGGUFParams(StageParams):
     max_length: int = Field(512, ge=8)
     limit: int | None = Field(None, ge=1, description="perplexity on the first N eval rows only")
     tokenizer_pre: str | None = Field(None, description="llama.cpp pre-tokenizer name (default: detected)")
+    title: str | None = Field(None, description="the model card's heading (default: the file stem)")
+    license: str = Field("unknown", description="license id for the model card's header")
 
     @field_validator("types")
     @classmethod
@@ -99,7 +109,8 @@ class ExportGGUFParams(StageParams):
 
 
 @stage("export_gguf", params=ExportGGUFParams, produces="eval",
-       inputs=(InputSlot("model", ("model",)), InputSlot("dataset", ("dataset",), optional=True)),
+       inputs=(InputSlot("model", ("model",)), InputSlot("dataset", ("dataset",), optional=True),
+               InputSlot("evals", ("eval",), optional=True, many=True)),
        summary_metrics=("q8_0_ppl_delta_pct", "q4_0_ppl_delta_pct", "q8_0_greedy_match"))
 def export_gguf_stage(params: ExportGGUFParams, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResult:
     """Write, read back and check one GGUF per requested type."""
@@ -144,7 +155,32 @@ def export_gguf_stage(params: ExportGGUFParams, inputs: dict[str, Path], out: Pa
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
                                    encoding="utf-8")
     _check_limits(report["files"], params, ctx.stage)
+    _write_card(params, inputs, out, ctx, name, metrics, report["files"], len(eval_rows))
     return StageResult(metrics=metrics, timings=timings)
+
+
+def _write_card(params: ExportGGUFParams, inputs: dict, out: Path, ctx: StageContext, name: str,
+                metrics: dict[str, float], files: dict, eval_rows: int) -> None:
+    """README.md and lineage.json beside the files: the source model's lineage, then this export."""
+    types = [t for t in params.types if "skipped" not in files[t]]
+    me = running_node(ctx.stage, "export_gguf", params.fingerprint_params(), inputs, artifact_type="eval",
+                      seed=ctx.seed, threads=ctx.threads, code_version=code_version(export_gguf_stage.__module__),
+                      metrics=metrics, details={"quantization": {"format": "gguf", "types": types}})
+    checked = (f"`{inputs['dataset'].name}` ({eval_rows} rows, {min(params.greedy_prompts, eval_rows)} greedy "
+               f"prompts)" if "dataset" in inputs else f"{len(DEFAULT_PROMPT_ROWS)} built-in prompts, no perplexity")
+    exports = {}
+    for gguf_type, entry in files.items():
+        if "skipped" in entry:
+            exports[f"{name}.{gguf_type}.gguf"] = {"type": gguf_type, "skipped": entry["skipped"]}
+            continue
+        exports[entry["file"]] = {
+            "type": gguf_type, "MiB": round(entry["bytes"] / 2**20, 2), "tensor types": entry["tensor_types"],
+            "Modelfile": entry["modelfile"], "checked on": checked, "greedy match vs source": entry["greedy_match"],
+            **{label: entry[key] for key, label in (("perplexity", "perplexity"), ("ppl_delta_pct", "ppl delta %"),
+                                                     ("text_ppl_delta_pct", "text ppl delta %"))
+               if entry[key] is not None}}
+    write_model_card(inputs["model"], out, title=params.title or name, license=params.license,
+                     evals=dict(inputs.get("evals", {})), exports=exports, running=me)
 
 
 def _file_metrics(gguf_type: str, entry: dict) -> dict[str, float]:

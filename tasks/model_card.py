@@ -5,7 +5,9 @@ The card lists everything that made the model, read from the manifests of its an
 base model, adapters, merge recipe, quantization and metrics, plus the scores of the ``evals`` given
 (evaluate stages, usually of this model and its baselines). The artifact holds the two card files only,
 not a copy of the weights: publish the model directory with this README.md beside it. Stages that export
-files (GGUF) call :func:`tunegraph.model_card.write_model_card` to put a card next to them.
+files call :func:`tunegraph.model_card.write_model_card` to put a card next to them: ``export_gguf``
+writes README.md beside its ``.gguf`` files, the card of the export itself (its lineage, then its files,
+quantization and read-back checks), so a GGUF needs no model_card stage.
 
 A card is a function of its inputs' manifests; the ancestors' manifests are found beside the model
 artifact (one recipe's outputs share a directory).

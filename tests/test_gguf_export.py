@@ -284,7 +284,12 @@ def test_stage_writes_verified_files_and_enforces_limits(tiny_artifacts, tmp_pat
                               min_greedy_match={"q8_0": 0.0})
     result = export_gguf_stage(params, {"model": tiny_artifacts / "model", "dataset": tiny_artifacts / "eval"}, out,
                                stage_ctx(tmp_path))
-    assert sorted(p.name for p in out.iterdir()) == [REPORT_FILE, "tiny.q8_0.Modelfile", "tiny.q8_0.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", REPORT_FILE, "lineage.json", "tiny.q8_0.Modelfile",
+                                                     "tiny.q8_0.gguf"]
+    card = (out / "README.md").read_text()  # the export's own card; its upstream was made without the runner
+    assert "| `t` | export_gguf | eval | this artifact | dataset: `eval`, model: `model` | ok |" in card
+    assert "| `model` | ? | ? | `?` | - | missing |" in card and "- gguf\n" in card
+    assert "from `eval` (`?`), `model` (`?`); the `manifest.json` beside this card holds" in card
     metrics = result.metrics
     assert metrics["q8_0_tokenizer_mismatches"] == 0 and metrics["q8_0_template_translated"] == 1
     assert 0.0 <= metrics["q8_0_greedy_match"] <= 1.0

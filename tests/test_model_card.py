@@ -9,7 +9,8 @@ import pytest
 
 from conftest import make_tiny_workspace
 from tunegraph.hashing import hash_bytes, hash_file
-from tunegraph.model_card import LineageNode, prompt_versions, render_model_card, walk_lineage, write_model_card
+from tunegraph.model_card import (LineageNode, prompt_versions, render_model_card, running_node, walk_lineage,
+                                  write_model_card)
 from tunegraph.recipe import load_recipe
 from tunegraph.runner import execute_stage
 
@@ -111,6 +112,34 @@ def test_card_is_reproducible_and_flags_a_rebuilt_upstream(chain, tmp_path):
     finally:
         (workspace / "train.jsonl").write_text("".join(lines))
         execute_stage(load_recipe(workspace / "recipe.yaml"), workspace, "train_data")
+
+
+def test_card_of_a_running_export_ends_with_it_and_scores_its_evals(chain, tmp_path):
+    """What export_gguf does: the card of an artifact still being written, which has no manifest yet."""
+    workspace, recipe = chain
+    out = recipe.output_root(workspace)
+    inputs = {"model": out / "distilled", "dataset": out / "eval_data",
+              "evals": {"eval_distilled": out / "eval_distilled", "eval_base": out / "eval_base"}}
+    node = running_node("to_gguf", "export_gguf", {"types": ["q8_0"]}, inputs, artifact_type="eval", seed=11,
+                        threads=2, code_version="f" * 64, metrics={"q8_0_ppl_delta_pct": 0.25})
+    nodes = write_model_card(out / "distilled", tmp_path, evals=inputs["evals"], running=node,
+                             exports={"m.q8_0.gguf": {"type": "q8_0"}})
+    # its ancestors through model and dataset, then itself; the evals are scored, not walked
+    assert [n.stage for n in nodes] == ["eval_data", "train_data", "base", "student", "distilled", "to_gguf"]
+    hashes = {name: json.loads((out / name / "manifest.json").read_text())["content_hash"]
+              for name in ("distilled", "eval_data", "eval_base")}
+    assert node.manifest["upstream"]["evals.1"] == {"stage": "eval_base", "content_hash": hashes["eval_base"]}
+    readme = (tmp_path / "README.md").read_text()
+    assert (f"from `eval_data` (`{hashes['eval_data'][:16]}`), `distilled` (`{hashes['distilled'][:16]}`); "
+            "the `manifest.json` beside this card") in readme
+    assert "| `to_gguf` | export_gguf | eval | this artifact | dataset: `eval_data`, evals.0: `eval_distilled`, " \
+           "evals.1: `eval_base`, model: `distilled` | ok |" in readme
+    assert "| `distilled` | distill | model | " in readme  # the source keeps its own hash
+    assert "| `eval_distilled` | `distilled` (this model, before export) |" in readme
+    assert "| `eval_base` | `base` (in the lineage) |" in readme
+    assert "- `to_gguf` (export_gguf): q8_0_ppl_delta_pct=0.25" in readme and "- gguf\n" in readme
+    assert "Architecture: model_type llama, num_hidden_layers 1," in readme  # the source model's
+    assert "code version `ffffffffffffffff`" in readme
 
 
 def test_walk_of_an_artifact_without_manifest_says_so(tmp_path):

@@ -112,5 +112,27 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
 
 
 def test_shipped_recipes_validate():
-    for path in sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml")):
-        load_recipe(path)
+    recipes = {path.stem: load_recipe(path)
+               for path in sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))}
+    assert {"quickstart", "arithmetic", "experts"} <= recipes.keys()
+
+
+def test_experts_recipe_has_the_issue_shape():
+    """SFT and GRPO experts from one base -> TIES merge -> GGUF Q8_0, every model evaluated, a card."""
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes/experts.yaml")
+    stages = recipe.stages
+    kinds = {name: stage.kind.name for name, stage in stages.items()}
+    assert recipe.spec.base_model == "embedded:smollm2-135m-instruct"
+    assert kinds["sft"] == "sft" and kinds["grpo"] == "grpo"
+    assert stages["sft"].spec.inputs["model"] == stages["grpo"].spec.inputs["model"] == "base"
+    assert stages["grpo"].params.rewards == {"numeric_match": 1.0}
+    merge = stages["merged"]
+    assert merge.params.method == "ties" and merge.spec.inputs == {"models": ["sft", "grpo"], "base": "base"}
+    assert set(merge.params.models) == {"sft", "grpo"}
+    assert all(m.weight is not None and m.density is not None for m in merge.params.models.values())
+    assert kinds["gguf"] == "export_gguf" and stages["gguf"].params.types == ["q8_0"]
+    assert stages["gguf"].spec.inputs["model"] == "merged"
+    evaluated = {stage.spec.inputs["model"] for stage in stages.values() if stage.kind.name == "evaluate"}
+    assert evaluated == {"base", "sft", "grpo", "merged"}
+    assert set(stages["gguf"].spec.inputs["evals"]) == {n for n, k in kinds.items() if k == "evaluate"}
+    assert "model_card" in kinds.values()

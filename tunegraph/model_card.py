@@ -18,6 +18,11 @@ back to its roots; :func:`write_model_card` renders what it finds:
   ``quantization_config``) and exported files (a caller such as a GGUF export passes them);
 - metrics: each stage's metrics file, and the scores of the eval artifacts given.
 
+A stage that writes a card beside its own files (``export_gguf``) has no manifest yet while it runs: it
+describes itself with :func:`running_node` (kind, params, upstream hashes, its metrics), and the card is
+that node's: its ancestors are walked from its upstream, it comes last, and its content hash is the one
+the artifact's ``manifest.json`` will record (a card cannot hold its own hash).
+
 An upstream artifact rebuilt since its consumer ran (its content hash differs from the one recorded) is
 shown, flagged ``changed``; one that is gone is listed as ``missing``. Neither stops the card. The card
 holds no timestamps and no absolute paths: the same lineage gives the same bytes.
@@ -31,7 +36,7 @@ from pathlib import Path
 from typing import Mapping
 
 from tunegraph.hashing import hash_bytes
-from tunegraph.lineage import read_manifest, write_json
+from tunegraph.lineage import library_versions, read_manifest, write_json
 
 README = "README.md"
 LINEAGE_JSON = "lineage.json"
@@ -39,8 +44,10 @@ METRICS_DIR = "metrics"
 DATA_FILE = "data.jsonl"
 MERGE_CONFIG = "mergekit_config.yml"
 ROLE_KEYS = ("teacher", "judge", "student", "reward_model")  # slots / settings naming another model's role
-PROMPT_KEYS = ("prompt", "template", "rubric", "criteria", "application_description", "system_prompt")
+PROMPT_KEYS = ("prompt", "template", "rubric", "criteria", "application_description", "system_prompt", "judge_template")
 SHORT_TEXT = 80
+RUNNING = "this artifact"  # the content hash cell of a node whose manifest is being written with the card
+EVALS_SLOT = "evals"  # eval artifacts a stage was given for its card: scored in the card, not ancestors
 TRAINING_KEYS = ("strategy", "method", "epochs", "max_steps", "batch_size", "grad_accum", "learning_rate",
                  "max_length", "beta", "temperature", "alpha")
 
@@ -82,18 +89,47 @@ def read_node(directory: Path, expected_hash: str | None = None) -> LineageNode:
 def walk_lineage(artifact_dir: Path) -> list[LineageNode]:
     """The artifact and every ancestor, ancestors first (depth-first by slot name: a stable order)."""
     artifact_dir = Path(artifact_dir)
+    return _walk(artifact_dir.parent, read_node(artifact_dir))
+
+
+def walk_running(node: LineageNode, root: Path) -> list[LineageNode]:
+    """The lineage of a node being written now (:func:`running_node`), its upstream artifacts in ``root``:
+    every ancestor, then the node. Its ``evals`` inputs are left out: they are scored, not ancestors."""
+    return _walk(Path(root), node, skip_slots=(EVALS_SLOT,))
+
+
+def _walk(root: Path, last: LineageNode, skip_slots: tuple[str, ...] = ()) -> list[LineageNode]:
     nodes: dict[str, LineageNode] = {}
 
-    def visit(directory: Path, expected_hash: str | None) -> None:
-        if directory.name in nodes:
-            return
-        node = read_node(directory, expected_hash)
-        for _, upstream in sorted(node.manifest.get("upstream", {}).items()):
-            visit(artifact_dir.parent / upstream["stage"], upstream["content_hash"])
-        nodes[directory.name] = node
+    def visit(node: LineageNode) -> None:
+        for slot, upstream in sorted(node.manifest.get("upstream", {}).items()):
+            if upstream["stage"] not in nodes and not (node is last and slot.split(".")[0] in skip_slots):
+                visit(read_node(root / upstream["stage"], upstream["content_hash"]))
+        nodes.setdefault(node.stage, node)
 
-    visit(artifact_dir, None)
+    visit(last)
     return list(nodes.values())
+
+
+def running_node(stage: str, kind: str, params: Mapping, inputs: Mapping[str, Path | Mapping[str, Path]], *,
+                 artifact_type: str, seed: int, threads: int, code_version: str, metrics: Mapping | None = None,
+                 details: Mapping | None = None) -> LineageNode:
+    """The node of a stage that is writing its card now, as its manifest will describe it (no hashes of its own).
+
+    ``inputs`` as the stage function got them: a directory per slot, or a name -> directory mapping for a
+    ``many`` slot (recorded as ``slot.0``, ``slot.1``... as the runner does).
+    """
+    upstream = {}
+    for slot, value in sorted(inputs.items()):
+        directories = list(value.values()) if isinstance(value, Mapping) else [value]
+        keys = [f"{slot}.{i}" for i in range(len(directories))] if isinstance(value, Mapping) else [slot]
+        for key, directory in zip(keys, directories):
+            manifest = read_manifest(Path(directory)) or {}
+            upstream[key] = {"stage": Path(directory).name, "content_hash": manifest.get("content_hash", "?")}
+    manifest = {"stage": stage, "kind": kind, "artifact_type": artifact_type, "params": dict(params),
+                "upstream": upstream, "code_version": code_version, "seed": seed, "threads": threads,
+                "libraries": library_versions()}
+    return LineageNode(stage, "ok", manifest, dict(metrics or {}), dict(details or {}))
 
 
 def _metrics(root: Path, stage: str) -> dict:
@@ -165,9 +201,10 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return lines + ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows] + [""]
 
 
-def _front_matter(nodes: list[LineageNode], license: str) -> list[str]:
+def _front_matter(nodes: list[LineageNode], license: str, exports: Mapping[str, Mapping] | None) -> list[str]:
     bases = [n.params.get("model", "") for n in nodes if n.kind == "import_model" and n.params.get("model")]
     tags = sorted({"tunegraph", *(n.kind.replace("_", "-") for n in nodes if n.kind not in ("?", "load_dataset")),
+                   *(["gguf"] if any(name.endswith(".gguf") for name in exports or {}) else []),
                    *(n.params["strategy"] for n in nodes if isinstance(n.params.get("strategy"), str))})
     lines = ["---"]
     if bases:
@@ -181,12 +218,24 @@ def render_model_card(nodes: list[LineageNode], *, title: str, license: str = "u
                       evals: list[LineageNode] = (), exports: Mapping[str, Mapping] | None = None) -> str:
     """The README.md text for the last node of ``nodes`` (see :func:`walk_lineage`)."""
     model = nodes[-1]
-    lines = _front_matter(nodes, license) + [f"# {title}", ""]
-    lines += [f"Produced by stage `{model.stage}` (kind `{model.kind}`) of a tunegraph recipe: content hash "
-              f"`{model.manifest.get('content_hash', '?')}`, fingerprint `{model.manifest.get('fingerprint', '?')}`.",
-              "Everything below is read from the artifacts' `manifest.json` files.", ""]
-    if model.details.get("architecture"):
-        lines += ["Architecture: " + ", ".join(f"{k} {v}" for k, v in model.details["architecture"].items()) + ".", ""]
+    lines = _front_matter(nodes, license, exports) + [f"# {title}", ""]
+    if not _is_running(model):
+        lines += [f"Produced by stage `{model.stage}` (kind `{model.kind}`) of a tunegraph recipe: content hash "
+                  f"`{model.manifest.get('content_hash', '?')}`, "
+                  f"fingerprint `{model.manifest.get('fingerprint', '?')}`.",
+                  "Everything below is read from the artifacts' `manifest.json` files.", ""]
+    else:  # a running node (running_node): the card is part of its artifact and cannot hold its hash
+        sources = ", ".join(f"`{up['stage']}` (`{up['content_hash'][:16]}`)" for slot, up in
+                            sorted(model.manifest.get("upstream", {}).items()) if slot.split(".")[0] != EVALS_SLOT)
+        lines += [f"Produced by stage `{model.stage}` (kind `{model.kind}`) of a tunegraph recipe from {sources}; "
+                  "the `manifest.json` beside this card holds its content hash and fingerprint.",
+                  "Everything below is read from the artifacts' `manifest.json` files.", ""]
+    # a running export describes no weights of its own: the architecture is its source model's
+    source = model if not _is_running(model) else next((n for n in nodes if n.stage == model.upstream.get("model")),
+                                                       model)
+    if source.details.get("architecture"):
+        lines += ["Architecture: " + ", ".join(f"{k} {v}" for k, v in source.details["architecture"].items()) + ".",
+                  ""]
     for section in (_lineage_section, _base_section, _data_section, _teacher_section, _training_section,
                     _merge_section):
         lines += section(nodes)
@@ -196,11 +245,16 @@ def render_model_card(nodes: list[LineageNode], *, title: str, license: str = "u
     return "\n".join(lines)
 
 
+def _is_running(node: LineageNode) -> bool:
+    """A node from :func:`running_node`: described, but without the hashes its manifest will record."""
+    return node.status == "ok" and "content_hash" not in node.manifest
+
+
 def _lineage_section(nodes: list[LineageNode]) -> list[str]:
     return ["## Lineage", ""] + _table(
         ["stage", "kind", "produces", "content hash", "inputs", "status"],
         [[f"`{n.stage}`", n.kind, n.manifest.get("artifact_type", "?"),
-          f"`{n.manifest.get('content_hash', '?')[:16]}`",
+          RUNNING if _is_running(n) else f"`{n.manifest.get('content_hash', '?')[:16]}`",
           ", ".join(f"{slot}: `{stage}`" for slot, stage in n.upstream.items()) or "-", n.status] for n in nodes])
 
 
@@ -308,6 +362,9 @@ def _evaluated(evaluation: LineageNode, nodes: list[LineageNode]) -> str:
     label = f"`{upstream['stage']}`"
     if upstream.get("content_hash") == nodes[-1].manifest.get("content_hash"):
         return f"{label} (this model)"
+    if upstream.get("content_hash") == nodes[-1].manifest.get("upstream", {}).get("model", {}).get("content_hash") \
+            and nodes[-1].manifest.get("artifact_type") != "model":
+        return f"{label} (this model, before export)"
     if any(n.manifest.get("content_hash") == upstream.get("content_hash") for n in nodes):
         return f"{label} (in the lineage)"
     return f"{label} (not in this lineage)"
@@ -323,15 +380,16 @@ def lineage_json(nodes: list[LineageNode], evals: list[LineageNode]) -> dict:
 
 
 def write_model_card(model_dir: Path, dest: Path, *, title: str | None = None, license: str = "unknown",
-                     evals: Mapping[str, Path] | None = None,
-                     exports: Mapping[str, Mapping] | None = None) -> list[LineageNode]:
+                     evals: Mapping[str, Path] | None = None, exports: Mapping[str, Mapping] | None = None,
+                     running: LineageNode | None = None) -> list[LineageNode]:
     """Write ``README.md`` and ``lineage.json`` for the model artifact ``model_dir`` into ``dest``.
 
     ``evals``: eval artifacts (stage name -> directory) whose scores join the card; ``exports``: files the
     caller wrote beside the card (file name -> facts such as type, bytes, perplexity delta), e.g. a GGUF
-    export's. Returns the lineage, ancestors first.
+    export's; ``running``: the caller's own node (:func:`running_node`) when the card is of the artifact
+    being written, ``model_dir`` being its model input. Returns the lineage, ancestors first.
     """
-    nodes = walk_lineage(model_dir)
+    nodes = walk_running(running, Path(model_dir).parent) if running is not None else walk_lineage(model_dir)
     eval_nodes = [read_node(path) for path in (evals or {}).values()]
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
