@@ -8,7 +8,8 @@ Endpoints: ``GET /v1/models`` and ``POST /v1/chat/completions`` (``messages``, `
 ``max_completion_tokens``, ``temperature``, ``top_p``, ``n``, ``seed``, ``stop``; no streaming).
 Requests are answered one at a time: generation uses torch's global RNG and every thread. A request
 is sampled with its ``seed`` (0 when absent), and ``temperature: 0`` is greedy, so the same request
-gets the same reply, and the same reply as the local backend with ``batch_size: 1``.
+gets the same reply, and the same reply as the local backend (which also generates each request
+alone, whatever its ``batch_size``). ``n`` choices are generated as one batch with the one seed.
 """
 
 from __future__ import annotations
