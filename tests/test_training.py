@@ -132,3 +132,46 @@ def test_adapter_config_does_not_depend_on_the_hash_seed(tiny_artifacts, tmp_pat
                        capture_output=True)
     config = "adapter/adapter_config.json"
     assert (tmp_path / "1" / config).read_bytes() == (tmp_path / "2" / config).read_bytes()
+
+
+NO_END_OF_TURN = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                  "{% if message['role'] != 'assistant' %}<|im_end|>\n{% endif %}{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_sft_refuses_a_template_without_end_of_turn_after_replies(tiny_artifacts, tmp_path):
+    """A chat template that ends user turns but not assistant ones: no reply's EOS is labelled, so SFT
+    would teach the model never to stop. Refused before training, naming the stage and a row."""
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_artifacts / "model", model_dir)
+    (model_dir / "chat_template.jinja").write_text(NO_END_OF_TURN, encoding="utf-8")
+    assert "<|im_end|>" not in tokenizer_decode_labels(model_dir)
+    with pytest.raises(StageError, match=r"^stage 'sft_eot': row '[^']+': an assistant turn ends without a labelled "
+                                         r"end-of-turn token \(eos '<\|im_end\|>'\), so the model would unlearn "
+                                         r"stopping.*; use a model whose chat template"):
+        sft(SFTParams(max_steps=1, max_length=128), {"model": model_dir, "dataset": tiny_artifacts / "train"},
+            tmp_path / "out", ctx(tmp_path, "sft_eot"))
+
+
+def tokenizer_decode_labels(model_dir) -> str:
+    tokenizer = load_tokenizer(model_dir)
+    encoded = encode_chat(tokenizer, MESSAGES, max_length=256)
+    return tokenizer.decode([t for t in encoded.labels if t != IGNORE_INDEX])
+
+
+def test_stopping_check_refuses_truncation_that_cuts_every_end_of_turn(tiny_artifacts, capsys):
+    from tunegraph.training.session import check_stopping
+
+    tokenizer = load_tokenizer(tiny_artifacts / "model")
+    full = encode_chat(tokenizer, MESSAGES, max_length=256)
+    cut = encode_chat(tokenizer, MESSAGES, max_length=len(full.input_ids) - 2)  # drops "<|im_end|>" and "\n"
+    assert cut.truncated and tokenizer.decode([t for t in cut.labels if t != IGNORE_INDEX]) == "Ottawa"
+    params = SFTParams(max_length=len(cut.input_ids), max_truncated_fraction=1.0)
+    with pytest.raises(StageError, match=r"^stage 't': truncation at max_length=\d+ cuts the end-of-turn token "
+                                         r"\(eos '<\|im_end\|>'\) from every example.*; raise max_length$"):
+        check_stopping([cut, cut], ["r0", "r1"], tokenizer, params, ctx(tiny_artifacts))
+    check_stopping([cut, full], ["r0", "r1"], tokenizer, params, ctx(tiny_artifacts))  # one still teaches it
+    # pad == eos (SmolLM2): allowed, and said on one info line
+    assert "[t] pad token = eos token '<|im_end|>': padding is masked by position" in capsys.readouterr().err

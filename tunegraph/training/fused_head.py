@@ -73,7 +73,7 @@ def check_fused_head(model: nn.Module, stage: str, *, softcap_supported: bool = 
     return head
 
 
-def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                         position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The hidden states the LM head reads, ``[B, T, H]``, aligned with ``input_ids`` ``[B, T]``."""
     extra = {} if position_ids is None else {"position_ids": position_ids}
@@ -95,7 +95,8 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     from tunegraph.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy  # imports triton
 
     head = lm_head(model)
-    hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+    # a packed batch (tunegraph.training.packing) has position ids and no attention mask
+    hidden = final_hidden_states(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
     scored = targets != IGNORE_INDEX
     if not bool(scored.any()):  # nothing to learn in this batch; keep the graph, as the full loss would

@@ -3,8 +3,9 @@
 One loop step = for each prompt of the micro batch, ``group_size`` sampled completions, their
 rewards (a weighted sum of reward functions), group-relative advantages, then one clipped policy
 gradient step on the completion tokens (losses in :mod:`tunegraph.training.objectives.grpo`).
-The reference policy for the KL term is the base model with the LoRA adapter switched off
-(no second copy); under full fine-tuning a frozen copy is kept, only when ``beta > 0``.
+The reference policy for the KL term is the initial policy: the base model with the LoRA adapter switched
+off (no second copy), the initial prompt encoder under prompt-style adapters; under full fine-tuning a
+frozen copy is kept, only when ``beta > 0`` (:func:`make_reference`).
 With ``kernels: true`` the policy loss and the reference log-probs come from the LM head's input without
 materializing the logits (:func:`fused_policy_loss`).
 """
@@ -12,7 +13,7 @@ materializing the logits (:func:`fused_policy_loss`).
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -122,13 +123,45 @@ def fused_policy_loss(model, rollout: Rollout, kept_rows: torch.Tensor, advantag
 
 
 def make_reference(model, beta: float):
-    """A context manager factory that makes ``model`` compute reference log-probs, or None if beta = 0."""
+    """A context manager factory that makes ``model`` compute reference log-probs, or None if beta = 0.
+
+    The reference is the initial policy pi_0 (call this before any update). LoRA, DoRA, QLoRA and IA3
+    start as the identity (B = 0, l = 1), so pi_0 is the policy with its adapter switched off: no copy.
+    Prompt-style adapters do not: their virtual tokens (sampled vocabulary embeddings, or a prompt
+    encoder's output) already change the output, and switching them off gives the base model WITHOUT a
+    prompt, so KL(pi || pi_ref) would be > 0 before the first update and pull toward a model that was never
+    the policy. Their reference swaps in a frozen copy of the initial prompt encoder (virtual tokens only,
+    no second model). Full fine-tuning keeps one frozen copy of the model."""
     if not beta:
         return None
+    if _is_prompt_learning(model):
+        return _initial_prompt_reference(model)
     if hasattr(model, "disable_adapter"):
         return lambda: (model, model.disable_adapter())
     frozen = copy.deepcopy(model).eval().requires_grad_(False)  # full fine-tuning: one frozen copy
     return lambda: (frozen, nullcontext())
+
+
+def _is_prompt_learning(model) -> bool:
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def _initial_prompt_reference(model):
+    """The policy with its trained prompt encoder replaced, for the block, by a frozen copy of the initial one."""
+    name = model.active_adapter
+    initial = copy.deepcopy(model.prompt_encoder[name]).eval().requires_grad_(False)
+
+    @contextmanager
+    def initial_prompt():
+        trained = model.prompt_encoder[name]
+        model.prompt_encoder[name] = initial
+        try:
+            yield
+        finally:
+            model.prompt_encoder[name] = trained
+
+    return lambda: (model, initial_prompt())
 
 
 def make_grpo_step(rows: list[dict], tokenizer, rewards: list[tuple[RewardFn, float]], rollout_settings: RolloutSettings,

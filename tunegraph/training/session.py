@@ -54,6 +54,53 @@ def check_encoded(examples: list[EncodedExample], params: TrainingParams, ctx: S
     return usable
 
 
+def labelled_runs(labels: list[int]) -> list[list[int]]:
+    """The contiguous runs of labelled tokens: one per assistant turn of an encoded conversation."""
+    runs: list[list[int]] = []
+    previous = IGNORE_INDEX
+    for label in labels:
+        if label != IGNORE_INDEX:
+            if previous == IGNORE_INDEX:
+                runs.append([])
+            runs[-1].append(label)
+        previous = label
+    return runs
+
+
+def check_stopping(examples: list[EncodedExample], row_ids: list[str], tokenizer, params: TrainingParams,
+                   ctx: StageContext) -> None:
+    """Refuse SFT data that would unlearn stopping: assistant turns whose end-of-turn token is unlabelled.
+
+    Generation stops at the tokenizer's EOS token e, so SFT must put its loss -log p(e | x, y) after every
+    reply. A labelled assistant turn without e teaches the model that the reply goes on. Refused: a
+    turn that ends without a labelled e in an example that was NOT truncated (the chat template puts no
+    e after the reply, or labels it as part of the prompt), and data where truncation cuts e from every
+    example (none would teach stopping). A truncated example's last turn may lose e (counted by
+    ``max_truncated_fraction``). pad == eos is fine here, as :func:`~tunegraph.training.loop.collate`
+    masks padding by position, not by id; it is noted on one info line."""
+    eos = tokenizer.eos_token_id
+    token = tokenizer.convert_ids_to_tokens(eos) if eos is not None else None
+    if eos is not None and tokenizer.pad_token_id == eos:
+        ctx.info(f"pad token = eos token {token!r}: padding is masked by position, so each assistant turn's "
+                 f"{token!r} keeps its label")
+    taught = 0
+    for example, row_id in zip(examples, row_ids):
+        runs = labelled_runs(example.labels)
+        if not runs:
+            continue  # nothing to learn: dropped by check_encoded
+        checked = runs[:-1] if example.truncated else runs
+        if eos is None or any(eos not in run for run in checked):
+            raise StageError(f"stage {ctx.stage!r}: row {row_id!r}: an assistant turn ends without a labelled "
+                             f"end-of-turn token (eos {token!r}), so the model would unlearn stopping: the chat "
+                             f"template puts no eos after the assistant's reply; use a model whose chat template "
+                             f"ends assistant turns with its eos token")
+        taught += any(eos in run for run in runs)
+    if not taught and any(labelled_runs(e.labels) for e in examples):
+        raise StageError(f"stage {ctx.stage!r}: truncation at max_length={params.max_length} cuts the end-of-turn "
+                         f"token (eos {token!r}) from every example, so the model would unlearn stopping; raise "
+                         f"max_length")
+
+
 def train_and_summarize(model, n_examples: int, step: StepFn, params: TrainingParams,
                         ctx: StageContext) -> StageResult:
     with neftune(model, params.neftune_alpha):  # the noise hook exists only while training
