@@ -131,3 +131,15 @@ def tiny_artifacts(tmp_path_factory, model_cache) -> Path:
         (root / name).mkdir()
         load_dataset(LoadDatasetParams(path=path, limit=limit), {}, root / name, stage_ctx(root))
     return root
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tiny_artifacts, tmp_path_factory) -> Path:
+    """A reward model artifact (one LoRA step of the reward_model stage on the tiny model's pairs), which PPO scores with."""
+    from tunegraph.registry import all_kinds
+
+    out = tmp_path_factory.mktemp("reward_model")
+    kind = all_kinds()["reward_model"]
+    kind.fn(kind.params_model(max_steps=1, batch_size=4, max_length=128),
+            {"model": tiny_artifacts / "model", "dataset": tiny_artifacts / "pairs"}, out, stage_ctx(out, "rm"))
+    return out

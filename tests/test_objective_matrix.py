@@ -46,16 +46,6 @@ def changed_tensors(before: dict, after: dict) -> set[str]:
     return {name for name in before if not torch.equal(before[name], after[name])}
 
 
-@pytest.fixture(scope="module")
-def reward_model_dir(tiny_artifacts, tmp_path_factory):
-    """The reward model PPO rows score with: one LoRA step of the reward_model stage."""
-    out = tmp_path_factory.mktemp("reward_model")
-    kind = all_kinds()["reward_model"]
-    kind.fn(kind.params_model(max_steps=1, batch_size=4, max_length=128),
-            {"model": tiny_artifacts / "model", "dataset": tiny_artifacts / "pairs"}, out, stage_ctx(out, "rm"))
-    return out
-
-
 @pytest.fixture
 def one_thread_ctx():
     """A seeded stage context on ONE torch thread, the thread count restored afterwards. The matrix checks

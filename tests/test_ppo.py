@@ -140,16 +140,6 @@ def test_an_update_moves_the_policy_toward_the_better_scored_completion(tiny_art
 RUN = dict(max_steps=2, batch_size=2, max_new_tokens=4, ppo_epochs=2, learning_rate=1e-2, max_length=128)
 
 
-@pytest.fixture(scope="module")
-def reward_model_dir(tiny_artifacts, tmp_path_factory):
-    """A reward model artifact (one LoRA step on the tiny model's pairs)."""
-    out = tmp_path_factory.mktemp("reward_model")
-    kind = all_kinds()["reward_model"]
-    kind.fn(kind.params_model(max_steps=1, batch_size=4, max_length=128),
-            {"model": tiny_artifacts / "model", "dataset": tiny_artifacts / "pairs"}, out, stage_ctx(out, "rm"))
-    return out
-
-
 def run_ppo(tiny_artifacts, out, reward_model=None, step_logger=None, checkpoint_dir=None, **params):
     kind = all_kinds()["ppo"]
     inputs = {"model": tiny_artifacts / "model", "dataset": tiny_artifacts / "train"}
